@@ -1,0 +1,46 @@
+"""Shared test helpers: import the top-level scripts as modules and run them as subprocesses."""
+
+import glob
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = sorted(os.path.basename(p)[: -len(".py")] for p in glob.glob(os.path.join(ROOT, "*_softmoe.py")))
+
+
+def load_script(name: str):
+    """Import `{name}.py` from the repository root (scripts are importable: their run sits under __main__)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(name: str, *flags: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a script on the CPU as a user would (no terminal, so progress comes as plain lines)."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, f"{name}.py"), "--no-cuda", *flags],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env,
+    )
+
+
+def read_scalars(run_dir: str) -> dict:
+    """All scalars of a run's TensorBoard files, read with tensorboard's own event reader: {tag: [(step, value)]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="session")
+def dqn():
+    return load_script("dqn_softmoe")

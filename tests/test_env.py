@@ -1,0 +1,60 @@
+"""Game names and the Dopamine protocol on real ALE games (SPEC §1): check ale-py's behaviour, don't trust defaults."""
+
+import numpy as np
+import pytest
+
+
+@pytest.mark.parametrize("name,rom", [("Breakout", "breakout"), ("breakout", "breakout"), ("ALE/Breakout-v5", "breakout"),
+                                      ("BreakoutNoFrameskip-v4", "breakout"), ("SpaceInvaders", "space_invaders"),
+                                      ("space_invaders", "space_invaders"), ("MontezumaRevenge", "montezuma_revenge"),
+                                      ("ALE/MsPacman-v5", "ms_pacman"), ("UpNDown", "up_n_down"), ("PongDeterministic-v4", "pong")])
+def test_resolve_rom(dqn, name, rom):
+    assert dqn.resolve_rom(name) == rom
+
+
+def test_unknown_game_names_closest_roms(dqn):
+    with pytest.raises(ValueError, match="unknown game 'Breakot'.*closest ROM ids: breakout"):
+        dqn.resolve_rom("Breakot")
+    with pytest.raises(ValueError, match="space_invaders"):
+        dqn.resolve_rom("SpaceInvader")
+
+
+def test_game_name(dqn):
+    assert [dqn.game_name(r) for r in ["space_invaders", "up_n_down", "jamesbond"]] == ["SpaceInvaders", "UpNDown", "Jamesbond"]
+
+
+def test_dopamine_protocol_raw_rewards_and_lives(dqn):
+    """Rewards are raw game scores (ale-py clips by default), and losing a life is not a terminal."""
+    envs = dqn.make_env("space_invaders", 1, "dopamine")
+    envs.reset(seed=0)
+    rng, rewards, lives_lost, was_done = np.random.default_rng(0), [], 0, False
+    prev_lives = None
+    for _ in range(3000):
+        _, reward, term, trunc, info = envs.step(rng.integers(envs.single_action_space.n, size=1))
+        rewards.append(reward[0])
+        if prev_lives is not None and not was_done and info["lives"][0] < prev_lives:
+            lives_lost += 1
+            assert term[0] == (info["lives"][0] == 0)  # only the game over ends the episode
+        prev_lives, was_done = info["lives"][0], bool(term[0] or trunc[0])
+        if was_done:
+            break
+    assert max(rewards) > 1  # unclipped: Space Invaders scores 5 to 30 per alien
+    assert lives_lost >= 2
+
+
+def test_dopamine_protocol_has_no_noop_starts(dqn):
+    """No random no-ops: every env starts from the same frame whatever its seed (atari100k: up to 30 no-ops)."""
+    first = [dqn.make_env("pong", 1, "dopamine").reset(seed=s)[0] for s in range(3)]
+    assert all(np.array_equal(first[0], f) for f in first)
+
+
+def test_episode_cap_is_a_truncation_in_frames(dqn):
+    envs = dqn.make_env("pong", 1, "dopamine", max_episode_frames=400)
+    envs.reset(seed=0)
+    for step in range(1, 101):
+        _, _, term, trunc, info = envs.step(np.zeros(1, dtype=np.int64))
+        if trunc[0] or term[0]:
+            break
+    assert (step, bool(trunc[0]), bool(term[0])) == (100, True, False)  # 400 frames = 100 agent steps
+    _, reward, term, trunc, info = envs.step(np.zeros(1, dtype=np.int64))  # the reset step
+    assert info["episode_frame_number"][0] == 0 and reward[0] == 0 and not term[0]

@@ -1,0 +1,177 @@
+"""Replay memory: one frame per step, stacks rebuilt at sampling time, n-step returns, the write cursor (SPEC §5)."""
+
+import numpy as np
+import pytest
+import torch
+
+
+def label(t, env=0):
+    """A frame whose pixels all equal a value identifying (time, env); never 0, so zero frames mean padding."""
+    return np.full((84, 84), 1 + (t * 7 + env * 3) % 250, dtype=np.uint8)
+
+
+def drive(rb, episodes, num_envs=1):
+    """Feed `rb` exactly as the training loop does, for one env, from a list of episodes.
+
+    Each episode is (rewards, end) with end "terminal" or "truncated". Returns the logical slot of each episode's
+    first observation and, per slot, the frame label time.
+    """
+    starts, was_done, t = [], False, 0
+    for rewards, end in episodes:
+        starts.append(rb.t)
+        for k, r in enumerate(rewards):
+            last_step = k == len(rewards) - 1
+            terminal = last_step and end == "terminal"
+            rb.add(np.stack([label(t, e) for e in range(num_envs)]), [1] * num_envs, [r] * num_envs,
+                   [terminal] * num_envs, [was_done] * num_envs)
+            t, was_done = t + 1, False
+        was_done = True  # the next add is the reset step: it stores this episode's final observation
+        rb.add(np.stack([label(t, e) for e in range(num_envs)]), [0] * num_envs, [0.0] * num_envs,
+               [False] * num_envs, [True] * num_envs)
+        t, was_done = t + 1, False
+    return starts
+
+
+def test_stacks_zero_frames_of_earlier_episodes(dqn):
+    rb = dqn.ReplayBuffer(100, 1, "cpu", n_step=1)
+    starts = drive(rb, [([0.0] * 5, "terminal"), ([0.0] * 6, "terminal")])
+    idx = torch.tensor([0, 2, 4, starts[1], starts[1] + 1, starts[1] + 3])
+    stacks = rb.stack_frames(idx, torch.zeros(6, dtype=torch.long))[:, :, 0, 0].tolist()
+    s = starts[1]
+    assert stacks[0] == [0, 0, 0, label(0)[0, 0]]  # first frame ever: nothing before it
+    assert stacks[1] == [0, label(0)[0, 0], label(1)[0, 0], label(2)[0, 0]]
+    assert stacks[2] == [label(t)[0, 0] for t in (1, 2, 3, 4)]
+    assert stacks[3] == [0, 0, 0, label(s)[0, 0]]  # the final observation (slot s-1) belongs to episode 1
+    assert stacks[4] == [0, 0, label(s)[0, 0], label(s + 1)[0, 0]]
+    assert stacks[5] == [label(t)[0, 0] for t in range(s, s + 4)]
+
+
+def test_n_step_returns_terminal_and_truncation(dqn):
+    gamma = 0.5
+    rb = dqn.ReplayBuffer(100, 1, "cpu", n_step=3, gamma=gamma)
+    starts = drive(rb, [([1.0, 2.0, -0.5, 0.25], "terminal"), ([1.0, 0.5], "truncated"), ([0.0] * 6, "terminal")])
+    env = torch.zeros(1, dtype=torch.long)
+
+    def batch(i):
+        states, actions, returns, discounts, next_states = rb.gather(torch.tensor([i]), env)
+        return returns.item(), discounts.item(), next_states[0, -1, 0, 0].item()
+
+    # rewards are clipped to [-1, 1] inside the agent: 2.0 counts as 1.0
+    assert batch(0) == pytest.approx((1 + gamma * 1 + gamma**2 * -0.5, gamma**3, label(3)[0, 0]))
+    ret, disc, _ = batch(2)  # -0.5, then 0.25 ends the episode with a terminal: no bootstrap
+    assert (ret, disc) == pytest.approx((-0.5 + gamma * 0.25, 0.0))
+    ret, disc, _ = batch(3)
+    assert (ret, disc) == pytest.approx((0.25, 0.0))
+    # truncated episode: the return stops at its end and bootstraps from its final observation with gamma^steps
+    s = starts[1]
+    assert batch(s) == pytest.approx((1 + gamma * 0.5, gamma**2, label(s + 2)[0, 0]))
+    assert batch(s + 1) == pytest.approx((0.5, gamma, label(s + 2)[0, 0]))
+    final_stack = rb.gather(torch.tensor([s + 1]), env)[4][0, :, 0, 0].tolist()
+    assert final_stack == [0, label(s)[0, 0], label(s + 1)[0, 0], label(s + 2)[0, 0]]
+
+
+def test_life_loss_terminal_stops_bootstrapping_but_not_the_stack(dqn):
+    """atari100k: a life loss is `terminal` without ending the game, so the next slot is not `last`."""
+    rb = dqn.ReplayBuffer(100, 1, "cpu", n_step=3, gamma=0.9)
+    for t in range(8):
+        rb.add(label(t)[None], [0], [1.0], [t == 2], [False])
+    states, _, returns, discounts, _ = rb.gather(torch.tensor([1, 3]), torch.zeros(2, dtype=torch.long))
+    assert returns.tolist() == pytest.approx([1 + 0.9, 1 + 0.9 + 0.81])
+    assert discounts.tolist() == pytest.approx([0.0, 0.9**3])
+    assert states[1, :, 0, 0].tolist() == [label(t)[0, 0] for t in range(0, 4)]  # stack continues over the life loss
+
+
+def test_sampling_respects_cursor_and_episode_ends_after_wraparound(dqn):
+    size, n = 40, 3
+    rb = dqn.ReplayBuffer(size, 1, "cpu", n_step=n, seed=0)
+    rng = np.random.default_rng(0)
+    episodes = [([1.0] * int(rng.integers(1, 9)), "terminal" if rng.random() < 0.7 else "truncated") for _ in range(30)]
+    drive(rb, episodes)
+    assert rb.t > 3 * size
+    lo, hi = rb.valid_range()
+    assert (lo, hi) == (rb.t - size + 3, rb.t - n - 1)
+    idx, envs = rb.sample_indices(4000)
+    assert idx.min() >= lo and idx.max() <= hi
+    assert not rb.last[idx % size, envs].any()
+    # every frame of every sampled stack is the one written at that time, or zero before the episode start
+    stacks = rb.stack_frames(idx, envs)[:, :, 0, 0]
+    for i, stack in zip(idx.tolist(), stacks.tolist()):
+        for j, value in enumerate(stack):
+            t = i - 3 + j
+            assert value in (0, label(t)[0, 0])
+            if value == 0:
+                assert all(v == 0 for v in stack[:j])  # zeros only before the episode's first frame
+
+
+def test_sampling_is_uniform_over_valid_starts(dqn):
+    rb = dqn.ReplayBuffer(1000, 1, "cpu", n_step=1, seed=1)
+    drive(rb, [([0.0] * 10, "terminal")] * 5)  # 55 slots, 5 of them final observations
+    idx, _ = rb.sample_indices(40000)
+    counts = torch.bincount(idx, minlength=rb.t).float()
+    valid = ~rb.last[: rb.t, 0]
+    valid[rb.t - 1] = False  # its next observation is not written yet (n = 1)
+    assert counts[~valid].sum() == 0
+    expected = 40000 / valid.sum()
+    assert (counts[valid] - expected).abs().max() < 0.15 * expected
+
+
+def test_sampling_never_starts_at_a_final_observation_even_for_one_step_episodes(dqn):
+    rb = dqn.ReplayBuffer(1000, 1, "cpu", n_step=1, seed=0)
+    drive(rb, [([0.0], "terminal")] * 40)  # every other slot is a final observation
+    idx, envs = rb.sample_indices(100_000, candidates=2)  # few candidates: the fallback is exercised
+    assert not rb.last[idx, envs].any()
+    lo, hi = rb.valid_range()
+    assert idx.min() >= lo and idx.max() <= hi
+
+
+def test_multiple_envs_keep_their_own_streams(dqn):
+    rb = dqn.ReplayBuffer(200, 2, "cpu", n_step=2, seed=0)
+    drive(rb, [([0.0] * 6, "terminal")] * 3, num_envs=2)
+    idx, envs = rb.sample_indices(500)
+    assert set(envs.tolist()) == {0, 1}
+    stacks = rb.stack_frames(idx, envs)[:, -1, 0, 0]
+    expected = torch.tensor([label(i, e)[0, 0] for i, e in zip(idx.tolist(), envs.tolist())], dtype=torch.uint8)
+    assert torch.equal(stacks, expected)
+
+
+def test_memory_for_one_million_transitions(dqn):
+    nbytes = dqn.ReplayBuffer.nbytes(1_000_000)
+    assert nbytes == 1_000_000 * (84 * 84 + 7)  # frame + uint8 action + float32 reward + 2 flags
+    assert nbytes < 7.1e9  # vs 28 GB for 4 stacked frames of s and s' per transition
+
+
+def test_rebuilt_stacks_equal_what_a_real_env_returned(dqn):
+    """Breakout with random actions, a short frame cap (truncations) and game overs: every sampled state and
+    next state rebuilt from single frames equals the stacked observation the env itself gave."""
+    envs = dqn.make_env("breakout", 2, "dopamine", max_episode_frames=1200)
+    rb = dqn.ReplayBuffer(10_000, 2, "cpu", n_step=3, seed=0)
+    obs, _ = envs.reset(seed=0)
+    rng = np.random.default_rng(0)
+    seen, was_done, ends = [], np.zeros(2, dtype=bool), 0
+    for _ in range(900):
+        actions = rng.integers(4, size=2)
+        next_obs, rewards, terms, truncs, _ = envs.step(actions)
+        rb.add(obs[:, -1], actions, rewards, terms, was_done)
+        seen.append(obs.copy())
+        ends += int((terms | truncs).sum())
+        obs, was_done = next_obs, terms | truncs
+    assert ends >= 4
+    seen = torch.as_tensor(np.stack(seen))  # (T, N, 4, 84, 84)
+    idx, env = rb.sample_indices(600)
+    states, _, _, discounts, next_states = rb.gather(idx, env)
+    assert torch.equal(states, seen[idx, env])
+
+    def bootstrap_slot(i, e):  # the 3-step window stops at a terminal (no bootstrap) or an episode's end
+        for k in range(3):
+            if rb.terminals[i + k, e]:
+                return None
+            if rb.last[i + k + 1, e]:
+                return i + k + 1
+        return i + 3
+
+    for k, (i, e) in enumerate(zip(idx.tolist(), env.tolist())):
+        j = bootstrap_slot(i, e)
+        if j is None:
+            assert discounts[k] == 0
+        else:
+            assert discounts[k] > 0 and torch.equal(next_states[k], seen[j, e])

@@ -1,0 +1,87 @@
+"""The scripts repeat each other on purpose; their shared pieces must stay identical, in text and in behaviour.
+
+Every `*_softmoe.py` joins automatically: blocks between `# === shared: NAME ===` and `# === end shared ===`
+must have the same text wherever they appear, the core blocks must appear in every script, and the shared
+components must give identical outputs for identical parameters and inputs.
+"""
+
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, SCRIPTS, load_script
+
+CORE = ["environment", "encoders", "tokenize", "Experts", "SoftMoE", "Top1MoE", "ReplayBuffer", "metrics", "progress"]
+BLOCK = re.compile(r"^# === shared: (\w+) ===\n(.*?)^# === end shared ===$", re.S | re.M)
+
+
+def blocks(script):
+    text = open(os.path.join(ROOT, f"{script}.py")).read()
+    found = BLOCK.findall(text)
+    assert text.count("# === shared:") == len(found) == text.count("# === end shared ==="), f"unbalanced markers in {script}"
+    names = [name for name, _ in found]
+    assert len(names) == len(set(names)), f"a block appears twice in {script}"
+    return dict(found)
+
+
+def test_every_script_carries_the_core_blocks():
+    for script in SCRIPTS:
+        missing = set(CORE) - set(blocks(script))
+        assert not missing, f"{script} lacks shared blocks {sorted(missing)}"
+
+
+def test_shared_blocks_have_identical_text():
+    texts = {}
+    for script in SCRIPTS:
+        for name, text in blocks(script).items():
+            texts.setdefault(name, {})[script] = text
+    for name, by_script in texts.items():
+        reference_script, reference = next(iter(by_script.items()))
+        for script, text in by_script.items():
+            assert text == reference, f"shared block {name!r} differs between {reference_script} and {script}"
+
+
+OTHERS = [s for s in SCRIPTS if s != "dqn_softmoe"]
+
+
+@pytest.mark.parametrize("script", OTHERS)
+def test_shared_components_give_identical_outputs(dqn, script):
+    other = load_script(script)
+    frames = torch.randint(0, 256, (2, 4, 84, 84), dtype=torch.uint8).float() / 255
+    for name in ["impala", "nature"]:
+        torch.manual_seed(0)
+        a = dqn.make_encoder(name, 1, 3)
+        torch.manual_seed(0)
+        b = other.make_encoder(name, 1, 3)
+        torch.testing.assert_close(a(frames), b(frames), rtol=0, atol=0)
+        for tok in ["perconv", "perfeat", "persamp"]:
+            torch.testing.assert_close(dqn.tokenize(a(frames), tok), other.tokenize(b(frames), tok), rtol=0, atol=0)
+    tokens = torch.randn(2, 121, 32)
+    for make in [lambda m: m.SoftMoE(121, 32, 4, m.Experts(4, 32, 16)),
+                 lambda m: m.SoftMoE(121, 32, 4, m.Experts(4, 32, 16), l2_norm=True),
+                 lambda m: m.Top1MoE(121, 32, 4, m.Experts(4, 32, 16), load_balancing=True)]:
+        torch.manual_seed(0)
+        a = make(dqn)
+        torch.manual_seed(0)
+        b = make(other)
+        torch.manual_seed(1)
+        ya, info_a = a(tokens)
+        torch.manual_seed(1)
+        yb, info_b = b(tokens)
+        torch.testing.assert_close(ya, yb, rtol=0, atol=0)
+        assert info_a.keys() == info_b.keys()
+    replays = [m.ReplayBuffer(300, 2, "cpu", n_step=3, seed=0) for m in (dqn, other)]
+    rng = np.random.default_rng(0)
+    for t in range(200):
+        frame, reward, done = rng.integers(0, 256, (2, 84, 84), dtype=np.uint8), rng.random(2), rng.random(2) < 0.05
+        for rb in replays:
+            rb.add(frame, [1, 2], reward, done, done)
+    for x, y in zip(*(rb.sample(16) for rb in replays)):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    features = torch.randn(32, 64)
+    assert dqn.srank(features) == other.srank(features)
+    hidden = torch.rand(8, 2, 3, 5)
+    assert dqn.dormant_fraction(hidden, None, 0.1) == other.dormant_fraction(hidden, None, 0.1)
