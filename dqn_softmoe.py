@@ -10,6 +10,7 @@ ICML 2024: the DQN curves of Figures 1, 4, 7, 9, 13 and 18, on the Dopamine prot
 
 import collections
 import difflib
+import json
 import math
 import os
 import random
@@ -924,12 +925,17 @@ def main(args: Args) -> None:
         path = os.path.join(run_dir, "model.pt")
         torch.save({"model": q_network.state_dict(), "args": vars(args), "num_actions": num_actions}, path)
         print(f"model saved to {path}", flush=True)
+    scores = []
     if args.eval_episodes > 0:
         scores = evaluate(q_network, rom, "dopamine", args.eval_episodes, args.eval_epsilon, device, args.seed + 100)
         for score in scores:
             writer.add_scalar("eval/episodic_return", score, global_step)
         print(f"evaluation over {len(scores)} episodes: mean return {np.mean(scores):.1f}", flush=True)
     writer.close()
+    summary = {"script": os.path.basename(__file__), "game": game_name(rom), "exp_name": args.exp_name, "seed": args.seed,
+               "global_step": global_step, "wall_time_s": time.time() - start_time, "eval_returns": scores, "args": vars(args)}
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:  # written last: marks a finished run
+        json.dump(summary, f, indent=1)
 
 
 if __name__ == "__main__":

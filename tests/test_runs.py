@@ -1,6 +1,7 @@
 """Real short runs of the scripts on ALE games (CPU, tiny budgets), and bad input giving one clear line."""
 
 import glob
+import json
 import os
 
 import pytest
@@ -49,6 +50,8 @@ def test_dqn_impala_softmoe_saves_and_evaluates(tmp_path):
     run_dir = run_dir_of(tmp_path)
     assert os.path.basename(run_dir).startswith("Pong__")
     assert os.path.getsize(os.path.join(run_dir, "model.pt")) > 0
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    assert summary["global_step"] == 120 and summary["game"] == "Pong" and len(summary["eval_returns"]) == 2
     returns = [v for _, v in read_scalars(run_dir)["eval/episodic_return"]]
     assert len(returns) == 2 and all(-21 <= r <= 21 for r in returns)
 
