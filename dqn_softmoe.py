@@ -10,11 +10,13 @@ ICML 2024: the DQN curves of Figures 1, 4, 7, 9, 13 and 18, on the Dopamine prot
 
 import collections
 import difflib
+import glob
 import json
 import math
 import os
 import random
 import re
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -123,6 +125,16 @@ class Args:
     """episodes to evaluate the final network with epsilon 0.001, all in one vector env (0 = skip)"""
     eval_epsilon: float = 0.001
     """exploration epsilon during evaluation"""
+
+    # checkpoints (long runs, preemption)
+    checkpoint_every: int = 0
+    """agent steps between complete checkpoints in `{run_dir}/checkpoints/` (0 = only when stopped by SIGTERM/SIGUSR1/SIGUSR2)"""
+    checkpoint_keep: int = 1
+    """how many of the newest checkpoints to keep"""
+    checkpoint_replay: bool = True
+    """include the replay memory (7.06 GB at 1M transitions); without it a resumed run refills it before learning again"""
+    resume: str = ""
+    """continue a run: a checkpoint file, a run directory, or `auto` (the newest unfinished run of this game, exp_name and seed)"""
 
 
 # === shared: environment ===
@@ -624,6 +636,21 @@ class ReplayBuffer:
 
     def sample(self, batch_size):
         return self.gather(*self.sample_indices(batch_size))
+
+    def state_dict(self) -> dict:
+        """Contents and sampler state; only the written part when not yet full (a slice would save everything)."""
+        filled = min(self.t, self.size)
+        keep = (lambda x: x) if filled == self.size else (lambda x: x[:filled].clone())
+        names = ["frames", "actions", "rewards", "terminals", "last"]
+        return {"t": self.t, "generator": self.generator.get_state(), **{k: keep(getattr(self, k)) for k in names}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["frames"].shape[1:] != self.frames.shape[1:] or state["frames"].shape[0] > self.size:
+            raise ValueError(f"replay of shape {tuple(state['frames'].shape)} does not fit this run's replay {tuple(self.frames.shape)}")
+        for k in ["frames", "actions", "rewards", "terminals", "last"]:
+            getattr(self, k)[: state[k].shape[0]] = state[k].to(self.device)
+        self.t = state["t"]
+        self.generator.set_state(state["generator"])
 # === end shared ===
 
 
@@ -703,14 +730,15 @@ def analysis_metrics(model: nn.Module, states: torch.Tensor, sample_loss, loss_i
 class Progress:
     """A tqdm bar (steps, SPS, recent return, ETA) on a terminal; plain periodic lines otherwise (CI, Slurm logs)."""
 
-    def __init__(self, total: int, print_every: int):
-        self.total, self.print_every, self.start, self.next_print = total, print_every, time.time(), print_every
+    def __init__(self, total: int, print_every: int, start_step: int = 0):
+        self.total, self.print_every, self.start, self.start_step = total, print_every, time.time(), start_step
+        self.next_print = (start_step // print_every + 1) * print_every
         self.returns = collections.deque(maxlen=20)
         self.bar = None
         if sys.stdout.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True)
 
     def update(self, step: int, returns=()):
         self.returns.extend(returns)
@@ -721,13 +749,146 @@ class Progress:
         elif step >= self.next_print or step >= self.total:
             self.next_print = (step // self.print_every + 1) * self.print_every
             elapsed = time.time() - self.start
-            sps = step / max(elapsed, 1e-9)
+            sps = (step - self.start_step) / max(elapsed, 1e-9)
             eta = (self.total - step) / max(sps, 1e-9)
             print(f"step {step}/{self.total}  SPS {sps:.0f}  return {recent}  elapsed {elapsed:.0f}s  ETA {eta:.0f}s", flush=True)
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
+# === end shared ===
+
+
+# === shared: checkpoint ===
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; the launcher requeues the job, which continues with --resume auto
+EXIT_NONFINITE = 3
+CHECKPOINT_FORMAT = 1
+RESUMABLE_CHANGES = {"resume", "total_timesteps", "checkpoint_every", "checkpoint_keep", "checkpoint_replay", "cuda",
+                     "compile", "log_every", "print_every", "metrics_every", "save_model", "eval_episodes", "eval_every"}
+
+
+def episode_seed(seed: int, env: int, episode: int) -> int:
+    """Seed of an env's episode-th reset; unique per (env, episode) for fewer than 7,919 envs."""
+    return (seed * 1_000_003 + env * 10_007 + episode * 7_919) % (2**31 - 1)
+
+
+class EnvTracker:
+    """Makes vector envs resumable without emulator snapshots (ale-py's vector env has none): every episode starts
+    from a reset seeded by (seed, env, episode), so an env's state is that seed plus the actions taken since."""
+
+    def __init__(self, seed: int, num_envs: int):
+        self.seed, self.episodes = seed, np.zeros(num_envs, dtype=np.int64)
+        self.actions = [[] for _ in range(num_envs)]
+
+    def seeds(self, mask=None) -> np.ndarray:
+        envs = np.arange(len(self.episodes)) if mask is None else np.flatnonzero(mask)
+        return np.array([episode_seed(self.seed, e, int(self.episodes[e])) for e in envs], dtype=np.int64)
+
+    def step(self, envs, actions):
+        for e, a in enumerate(actions):
+            self.actions[e].append(int(a))
+        return envs.step(actions)
+
+    def reset_ended(self, envs, was_done, obs):
+        """After the auto-reset step of ended episodes, reset those envs again with their next seed."""
+        if was_done.any():
+            self.episodes[was_done] += 1
+            for e in np.flatnonzero(was_done):
+                self.actions[e] = []
+            reset_obs, _ = envs.reset(seed=self.seeds(was_done), options={"reset_mask": was_done})
+            obs = np.where(was_done[:, None, None, None], reset_obs, obs)
+        return obs
+
+    def state_dict(self) -> dict:
+        return {"episodes": torch.as_tensor(self.episodes), "actions": [torch.tensor(a, dtype=torch.uint8) for a in self.actions]}
+
+    def restore(self, envs, state: dict, expected_obs: np.ndarray) -> np.ndarray:
+        """Replay every env's current episode from its seed; envs with shorter episodes are reset later so all end
+        together. The result must equal the observation saved in the checkpoint."""
+        self.episodes = state["episodes"].numpy().copy()
+        self.actions = [a.tolist() for a in state["actions"]]
+        lengths = np.array([len(a) for a in self.actions])
+        longest = int(lengths.max())
+        obs, _ = envs.reset(seed=self.seeds())
+        for k in range(longest + 1):
+            starting = (longest - lengths == k) & (lengths < longest)  # these episodes begin now
+            if starting.any():
+                obs, _ = envs.reset(seed=self.seeds(starting), options={"reset_mask": starting})
+            if k == longest:
+                break
+            actions = [a[k - longest + n] if k >= longest - n else 0 for a, n in zip(self.actions, lengths)]
+            obs, *_ = envs.step(np.array(actions, dtype=np.int64))
+        if not np.array_equal(obs, expected_obs):
+            raise ValueError("replaying the saved episodes did not reproduce the saved observations (different ale-py or ROM?)")
+        return obs
+
+
+def list_checkpoints(run_dir: str) -> list:
+    return sorted(glob.glob(os.path.join(glob.escape(run_dir), "checkpoints", "step_*.pt")))
+
+
+def save_checkpoint(state: dict, run_dir: str, step: int, keep: int) -> str:
+    """Write to a temporary name, fsync, rename: a crash mid-write leaves the previous checkpoint intact."""
+    path = os.path.join(run_dir, "checkpoints", f"step_{step:012d}.pt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        os.remove(old)
+    return path
+
+
+def find_checkpoint(resume: str, runs_dir: str, run_prefix: str):
+    """`auto`: the newest checkpoint of the newest unfinished run named `run_prefix*` (None if there is none);
+    a run directory: its newest checkpoint; a file: that file."""
+    if resume == "auto":
+        runs = [d for d in glob.glob(os.path.join(glob.escape(runs_dir), glob.escape(run_prefix) + "*"))
+                if not os.path.exists(os.path.join(d, "summary.json")) and list_checkpoints(d)]
+        return list_checkpoints(max(runs, key=lambda d: int(d.rsplit("__", 1)[1])))[-1] if runs else None
+    if os.path.isdir(resume):
+        found = list_checkpoints(resume)
+        if not found:
+            raise ValueError(f"--resume {resume}: the directory has no checkpoints/step_*.pt; start without --resume")
+        return found[-1]
+    if not os.path.isfile(resume):
+        raise ValueError(f"--resume {resume}: no such checkpoint file or run directory")
+    return resume
+
+
+def load_checkpoint(path: str, script: str, args: dict, device) -> dict:
+    """Load with weights_only=True (tensors and plain containers only) and refuse other scripts or other flags."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # a truncated zip, a bad pickle, not a torch file at all
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:150]
+        raise ValueError(f"checkpoint {path} is unreadable ({reason}); resume from an earlier one or start without --resume")
+    if not isinstance(state, dict) or "script" not in state or "args" not in state:
+        raise ValueError(f"{path} is not a checkpoint of this project")
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {path} has format {state.get('format')}, this script reads format {CHECKPOINT_FORMAT}")
+    if state["script"] != script:
+        raise ValueError(f"checkpoint {path} was written by {state['script']}, not {script}")
+    for key, value in args.items():
+        if key not in RESUMABLE_CHANGES and state["args"].get(key) != value:
+            raise ValueError(f"checkpoint {path} was written with --{key.replace('_', '-')} {state['args'].get(key)} "
+                             f"but this run has {value}; resume with the checkpoint's flags")
+    return state
+
+
+class StopRequest:
+    """SIGTERM, SIGUSR1 or SIGUSR2 (what Slurm and submitit send before preemption) only set a flag: the current
+    step finishes, then the loop writes a checkpoint and exits with EXIT_PREEMPTED."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
 # === end shared ===
 
 
@@ -738,9 +899,11 @@ def check_args(args: Args) -> None:
     for name in positive:
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["learning_starts", "metrics_every", "eval_episodes", "load_balancing_coef"]:
+    for name in ["learning_starts", "metrics_every", "eval_episodes", "load_balancing_coef", "checkpoint_every"]:
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.checkpoint_keep < 1:
+        raise ValueError(f"--checkpoint-keep must be at least 1, got {args.checkpoint_keep}")
     if args.replay_ratio <= 0:
         raise ValueError(f"--replay-ratio must be positive, got {args.replay_ratio}")
     if not 0 <= args.end_e <= args.start_e <= 1 or not 0 <= args.eval_epsilon <= 1:
@@ -818,15 +981,40 @@ def evaluate(model, rom, protocol, episodes, epsilon, device, seed):
     return scores.tolist()
 
 
-def main(args: Args) -> None:
+def prepare(args: Args):
+    """Every check of the user's input, before anything is created or overwritten.
+
+    Returns the ROM id, the run directory (new, or the one being resumed) and the checkpoint to resume from (or None).
+    """
     rom = resolve_rom(args.env_id)
     check_args(args)
-    run_name = f"{game_name(rom)}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.runs_dir, run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    prefix = f"{game_name(rom)}__{args.exp_name}__{args.seed}__"
+    path = find_checkpoint(args.resume, args.runs_dir, prefix) if args.resume else None
+    checkpoint = None
+    if path:
+        device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+        checkpoint = load_checkpoint(path, os.path.basename(__file__), vars(args), device)
+        if checkpoint["global_step"] >= args.total_timesteps:
+            raise ValueError(f"checkpoint {path} is at agent step {checkpoint['global_step']}, not below "
+                             f"--total-timesteps {args.total_timesteps}; raise --total-timesteps to train further")
+        run_dir = os.path.dirname(os.path.dirname(path))
+    else:
+        stamp = int(time.time())
+        while os.path.exists(os.path.join(args.runs_dir, f"{prefix}{stamp}")):
+            stamp += 1
+        run_dir = os.path.join(args.runs_dir, f"{prefix}{stamp}")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, ".write_test"), "w"):
+            pass
+        os.remove(os.path.join(run_dir, ".write_test"))
+    except OSError as error:
+        raise ValueError(f"cannot write the run directory {run_dir} ({error.strerror}); pass a writable --runs-dir")
+    return rom, run_dir, checkpoint
 
+
+def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
+    script = os.path.basename(__file__)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -835,14 +1023,43 @@ def main(args: Args) -> None:
     rng = np.random.default_rng(args.seed)
 
     envs = make_env(rom, args.num_envs, "dopamine")
-    num_actions = envs.single_action_space.n
+    tracker = EnvTracker(args.seed, args.num_envs)
+    num_actions = int(envs.single_action_space.n)
     q_network = QNetwork(args, num_actions).to(device)
     target_network = QNetwork(args, num_actions).to(device)
     target_network.load_state_dict(q_network.state_dict())
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
     rb = ReplayBuffer(args.buffer_size, args.num_envs, device, args.n_step, args.gamma, seed=args.seed)
+
+    global_step, update_credit, iteration_returns = 0, 0.0, []
+    episode_return, episode_length = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=np.int64)
+    was_done = np.zeros(args.num_envs, dtype=bool)  # these envs' next step is a reset step (next-step autoreset)
+    if checkpoint is None:
+        obs, _ = envs.reset(seed=tracker.seeds())
+    else:  # continue exactly where the checkpoint left off
+        q_network.load_state_dict(checkpoint["q_network"])
+        target_network.load_state_dict(checkpoint["target_network"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint["replay"] is not None:
+            rb.load_state_dict(checkpoint["replay"])
+        loop = checkpoint["loop"]
+        global_step, update_credit, iteration_returns = checkpoint["global_step"], loop["update_credit"], loop["iteration_returns"]
+        episode_return, episode_length = loop["episode_return"].numpy(), loop["episode_length"].numpy()
+        was_done = loop["was_done"].numpy()
+        torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
+        if device.type == "cuda" and checkpoint["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all([s.cpu() for s in checkpoint["rng"]["cuda"]])
+        rng.bit_generator.state = checkpoint["rng"]["numpy"]
+        obs = tracker.restore(envs, checkpoint["envs"], checkpoint["obs"].cpu().numpy())
+    # purge_step hides what a stopped run logged after its checkpoint (all logged at steps above the checkpoint's)
+    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if checkpoint else None)
+    if checkpoint is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     print(f"{run_dir}: {rom}, {num_actions} actions, {sum(p.numel() for p in q_network.parameters()):,} parameters, "
-          f"device {device}, replay {ReplayBuffer.nbytes(args.buffer_size) / 1e9:.2f} GB", flush=True)
+          f"device {device}, replay {ReplayBuffer.nbytes(args.buffer_size) / 1e9:.2f} GB"
+          + (f", resumed at agent step {global_step}" if checkpoint else ""), flush=True)
+    if args.resume == "auto" and checkpoint is None:
+        print("--resume auto: no unfinished run of this game, exp_name and seed has a checkpoint; starting a new run", flush=True)
 
     def train_step(*batch):
         td_loss, aux_loss, q_mean = dqn_loss(q_network, target_network, batch, args.loss)
@@ -854,12 +1071,38 @@ def main(args: Args) -> None:
     if args.compile:
         train_step = torch.compile(train_step)
 
-    obs, _ = envs.reset(seed=args.seed)
-    episode_return, episode_length = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=np.int64)
-    was_done = np.zeros(args.num_envs, dtype=bool)  # these envs' next step is a reset step (next-step autoreset)
-    iteration_returns, update_credit, global_step, td_loss = [], 0.0, 0, None
-    progress = Progress(args.total_timesteps, args.print_every)
-    start_time, last_log = time.time(), (0, time.time())
+    def checkpoint_state() -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT, "script": script, "args": vars(args), "global_step": global_step,
+            "q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
+            "optimizer": optimizer.state_dict(), "replay": rb.state_dict() if args.checkpoint_replay else None,
+            "envs": tracker.state_dict(), "obs": torch.as_tensor(obs),
+            "rng": {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state,
+                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
+            "loop": {"update_credit": update_credit, "iteration_returns": list(iteration_returns),
+                     "episode_return": torch.as_tensor(episode_return), "episode_length": torch.as_tensor(episode_length),
+                     "was_done": torch.as_tensor(was_done)},
+        }
+
+    nonfinite_at = torch.full((), -1, dtype=torch.long, device=device)  # first agent step with a non-finite loss
+
+    def stop_if_nonfinite(check_parameters=False):
+        """One host sync, only when logging or checkpointing: a NaN or inf ends the run without saving it."""
+        step = int(nonfinite_at)
+        if step < 0 and check_parameters and not torch.stack([torch.isfinite(p).all() for p in q_network.parameters()]).all():
+            step = global_step
+        if step >= 0:
+            last = list_checkpoints(run_dir)
+            hint = f"the last good checkpoint is {last[-1]} (continue from it with --resume)" if last else "there is no checkpoint"
+            print(f"{script}: error: non-finite TD loss, Q-value or weights by agent step {step}; stopped without "
+                  f"saving; {hint}", file=sys.stderr)
+            writer.close()
+            sys.exit(EXIT_NONFINITE)
+
+    stop = StopRequest()
+    td_loss = None
+    progress = Progress(args.total_timesteps, args.print_every, global_step)
+    start_time, last_log = time.time(), (global_step, time.time())
     while global_step < args.total_timesteps:
         # act: epsilon-greedy, epsilon 1 during the warm-up then linear over `exploration_steps` (Dopamine)
         epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_steps, global_step - args.learning_starts)
@@ -869,8 +1112,9 @@ def main(args: Args) -> None:
             with torch.no_grad():
                 greedy = q_network(torch.as_tensor(obs, device=device)).argmax(1).cpu().numpy()
             actions = np.where(rng.random(args.num_envs) < epsilon, actions, greedy)
-        next_obs, rewards, terminations, truncations, _ = envs.step(actions)
+        next_obs, rewards, terminations, truncations, _ = tracker.step(envs, actions)
         done = terminations | truncations
+        previous_step, global_step = global_step, global_step + args.num_envs  # everything below is logged at this step
 
         # store one frame per env; at a reset step that frame is the final observation of the ended episode
         rb.add(obs[:, -1], actions, rewards, terminations, was_done)
@@ -882,20 +1126,22 @@ def main(args: Args) -> None:
             writer.add_scalar("charts/episodic_length", episode_length[i], global_step)
         episode_return[done], episode_length[done] = 0.0, 0
         iteration_returns += finished
-        obs, was_done = next_obs, done
-        previous_step, global_step = global_step, global_step + args.num_envs
+        obs, was_done = tracker.reset_ended(envs, was_done, next_obs), done
 
-        # learn: `replay_ratio` gradient updates per agent step once the warm-up is over
-        if global_step > args.learning_starts and rb.can_sample():
+        # learn: `replay_ratio` gradient updates per agent step once the replay holds `learning_starts` steps
+        if rb.t * args.num_envs > args.learning_starts and rb.can_sample():
             update_credit += args.replay_ratio * args.num_envs
             while update_credit >= 1.0:
                 update_credit -= 1.0
                 td_loss, aux_loss, q_mean = train_step(*rb.sample(args.batch_size))
+                finite = torch.isfinite(td_loss) & torch.isfinite(q_mean)
+                nonfinite_at = torch.where((nonfinite_at < 0) & ~finite, global_step, nonfinite_at)
             if global_step // args.target_network_frequency != previous_step // args.target_network_frequency:
                 target_network.load_state_dict(q_network.state_dict())
 
         # log
         if global_step // args.log_every != previous_step // args.log_every:
+            stop_if_nonfinite()
             sps = (global_step - last_log[0]) / max(time.time() - last_log[1], 1e-9)
             last_log = (global_step, time.time())
             writer.add_scalar("charts/SPS", sps, global_step)
@@ -918,8 +1164,21 @@ def main(args: Args) -> None:
                 writer.add_scalar(key, value, global_step)
         progress.update(global_step, finished)
 
+        # checkpoint: every `checkpoint_every` steps, and when Slurm or the user asks the run to stop
+        periodic = args.checkpoint_every and global_step // args.checkpoint_every != previous_step // args.checkpoint_every
+        if periodic or stop.signal:
+            stop_if_nonfinite(check_parameters=True)
+            path = save_checkpoint(checkpoint_state(), run_dir, global_step, args.checkpoint_keep)
+            if stop.signal:
+                progress.close()
+                print(f"{stop.signal} at agent step {global_step}: checkpoint written to {path}; "
+                      "continue with --resume auto", flush=True)
+                writer.close()
+                sys.exit(EXIT_PREEMPTED)
+
     progress.close()
     envs.close()
+    stop_if_nonfinite(check_parameters=True)
     print(f"done: {global_step} agent steps in {time.time() - start_time:.0f}s", flush=True)
     if args.save_model:
         path = os.path.join(run_dir, "model.pt")
@@ -932,7 +1191,7 @@ def main(args: Args) -> None:
             writer.add_scalar("eval/episodic_return", score, global_step)
         print(f"evaluation over {len(scores)} episodes: mean return {np.mean(scores):.1f}", flush=True)
     writer.close()
-    summary = {"script": os.path.basename(__file__), "game": game_name(rom), "exp_name": args.exp_name, "seed": args.seed,
+    summary = {"script": script, "game": game_name(rom), "exp_name": args.exp_name, "seed": args.seed,
                "global_step": global_step, "wall_time_s": time.time() - start_time, "eval_returns": scores, "args": vars(args)}
     with open(os.path.join(run_dir, "summary.json"), "w") as f:  # written last: marks a finished run
         json.dump(summary, f, indent=1)
@@ -940,10 +1199,9 @@ def main(args: Args) -> None:
 
 if __name__ == "__main__":
     cli_args = tyro.cli(Args)
-    try:  # bad input: one line saying what is wrong, no traceback
-        resolve_rom(cli_args.env_id)
-        check_args(cli_args)
+    try:  # bad input: one line saying what is wrong, before anything is created or overwritten
+        prepared = prepare(cli_args)
     except ValueError as error:
         print(f"{os.path.basename(__file__)}: error: {error}", file=sys.stderr)
         sys.exit(2)
-    main(cli_args)
+    main(cli_args, *prepared)
