@@ -592,7 +592,7 @@ class ReplayBuffer:
 
     def can_sample(self) -> bool:
         lo, hi = self.valid_range()
-        return hi >= lo
+        return hi > lo  # two starts at least, so the fallback of `sample_indices` stays within [lo, hi]
 
     def sample_indices(self, batch_size, candidates=16):
         """Uniform over valid starts without host synchronisation: per sample, the first of `candidates` uniform
@@ -1015,6 +1015,7 @@ def prepare(args: Args):
 
 def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
     script = os.path.basename(__file__)
+    stop = StopRequest()  # from the start: a signal during set-up still ends in a checkpoint and exit 75
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -1099,7 +1100,6 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
             writer.close()
             sys.exit(EXIT_NONFINITE)
 
-    stop = StopRequest()
     td_loss = None
     progress = Progress(args.total_timesteps, args.print_every, global_step)
     start_time, last_log = time.time(), (global_step, time.time())

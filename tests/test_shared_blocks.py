@@ -14,7 +14,8 @@ import torch
 
 from conftest import ROOT, SCRIPTS, load_script
 
-CORE = ["environment", "encoders", "tokenize", "Experts", "SoftMoE", "Top1MoE", "ReplayBuffer", "metrics", "progress"]
+CORE = ["environment", "encoders", "tokenize", "Experts", "SoftMoE", "Top1MoE", "ReplayBuffer", "metrics", "progress",
+        "checkpoint"]
 BLOCK = re.compile(r"^# === shared: (\w+) ===\n(.*?)^# === end shared ===$", re.S | re.M)
 
 

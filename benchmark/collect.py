@@ -1,0 +1,136 @@
+"""Read the scripts' TensorBoard files into a tidy table (experiment, variant, game, seed, step, return).
+
+Run directories are `{runs_dir}/{Game}__{exp_name}__{seed}__{unix_time}`; a run is finished when it holds
+`summary.json`. For each (variant, game, seed) the newest finished run is used (with `partial`, the newest
+run when none has finished yet). Events are read with tensorboard's own `EventAccumulator`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from benchmark.registry import SCRIPTS, Experiment
+
+GAP_S = 30 * 60  # event gaps longer than this (queueing, requeues) do not count as training time
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    variant: str
+    game: str
+    seed: int
+    path: str
+    finished: bool
+
+
+def discover(experiment: Experiment, runs_dir: str, tag: str = "", partial: bool = False) -> tuple[list[RunRecord], dict]:
+    """The run directories of an experiment: one per (variant, game, seed). Returns (records, counts)."""
+    variant_of = {experiment.exp_name(v.name, tag): v.name for v in experiment.variants}
+    best: dict[tuple, tuple] = {}
+    counts = {"directories": 0, "unfinished_skipped": 0, "older_duplicates": 0}
+    try:
+        entries = list(os.scandir(runs_dir))
+    except FileNotFoundError:
+        return [], counts
+    for entry in entries:
+        parts = entry.name.split("__")
+        if len(parts) != 4 or parts[1] not in variant_of or not parts[2].isdigit() or not parts[3].isdigit():
+            continue
+        if not entry.is_dir():
+            continue
+        counts["directories"] += 1
+        finished = os.path.exists(os.path.join(entry.path, "summary.json"))
+        key = (variant_of[parts[1]], parts[0], int(parts[2]))
+        rank = (finished, int(parts[3]))  # finished first, then newest
+        if key in best:
+            counts["older_duplicates"] += 1
+            if rank <= best[key][0]:
+                continue
+        best[key] = (rank, entry.path)
+    records = []
+    for (variant, game, seed), ((finished, _), path) in sorted(best.items()):
+        if finished or partial:
+            records.append(RunRecord(variant, game, seed, path, finished))
+        else:
+            counts["unfinished_skipped"] += 1
+    return records, counts
+
+
+def read_scalars(path: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """{tag: (steps, values, wall_times)} of every scalar in a run directory."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(path, size_guidance={"scalars": 0})
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags()["scalars"]:
+        events = acc.Scalars(tag)
+        out[tag] = (np.array([e.step for e in events], dtype=np.int64), np.array([e.value for e in events], float),
+                    np.array([e.wall_time for e in events], float))
+    return out
+
+
+def active_hours(scalars: dict) -> callable:
+    """wall time -> training hours since the run's first event, not counting gaps longer than GAP_S."""
+    walls = np.sort(np.concatenate([w for _, _, w in scalars.values()])) if scalars else np.zeros(1)
+    elapsed = np.concatenate([[0.0], np.cumsum(np.minimum(np.diff(walls), GAP_S))])
+    return lambda t: np.interp(t, walls, elapsed) / 3600.0
+
+
+def read_run(record: RunRecord, metric: str, with_metrics: bool) -> tuple[list[dict], list[dict]]:
+    """Rows of the returns table and (optionally) of the analysis-metrics table for one run."""
+    scalars = read_scalars(record.path)
+    hours = active_hours(scalars)
+    base = {"variant": record.variant, "game": record.game, "seed": record.seed, "finished": record.finished}
+    returns = []
+    if metric in scalars:
+        steps, values, walls = scalars[metric]
+        frame = pd.DataFrame({"step": steps, "value": values, "wall": walls})
+        # several values at one step: evaluation episodes (mean), or a step logged again after a resume (same value)
+        grouped = frame.groupby("step").agg(value=("value", "mean"), wall=("wall", "max")).reset_index()
+        for step, value, wall in grouped.itertuples(index=False):
+            returns.append({**base, "step": int(step), "hours": float(hours(wall)), "return": float(value)})
+    metrics = []
+    if with_metrics:
+        for tag, (steps, values, _) in scalars.items():
+            if tag.startswith("metrics/") or tag.startswith("moe/"):
+                metrics += [{**base, "step": int(s), "metric": tag, "value": float(v)} for s, v in zip(steps, values)]
+    return returns, metrics
+
+
+def collect(experiment: Experiment, runs_dir: str, tag: str = "", partial: bool = False, workers: int = 1):
+    """Returns (returns table, metrics table or None, counts). Frames = 4 x agent steps (x 1 for offline)."""
+    records, counts = discover(experiment, runs_dir, tag, partial)
+    variants = {v.name: v for v in experiment.variants}
+    with_metrics = "metrics" in experiment.plots
+    jobs = [(r, SCRIPTS[variants[r.variant].script].metric, with_metrics) for r in records]
+    if workers > 1 and len(jobs) > 1:
+        with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(read_run, *zip(*jobs)))
+    else:
+        results = [read_run(*job) for job in jobs]
+    returns = [row for rows, _ in results for row in rows]
+    metrics = [row for _, rows in results for row in rows]
+    counts["runs"] = len(records)
+    counts["runs_without_scores"] = sum(1 for rows, _ in results if not rows)
+    columns = ["experiment", "variant", "game", "seed", "step", "frames", "hours", "return", "normalized", "finished"]
+    table = pd.DataFrame(returns, columns=[c for c in columns if c not in ("experiment", "frames", "normalized")])
+    table.insert(0, "experiment", experiment.name)
+    per_step = table["variant"].map(lambda v: SCRIPTS[variants[v].script].frames_per_step)
+    table.insert(5, "frames", table["step"] * per_step)
+    from benchmark.stats import normalize
+
+    table["normalized"] = normalize(table["game"], table["return"])
+    table = table[columns].sort_values(["variant", "game", "seed", "step"]).reset_index(drop=True)
+    metric_table = None
+    if with_metrics:
+        metric_table = pd.DataFrame(metrics, columns=["variant", "game", "seed", "finished", "step", "metric", "value"])
+        metric_table.insert(0, "experiment", experiment.name)
+        metric_table.insert(5, "frames", metric_table["step"] * metric_table["variant"].map(
+            lambda v: SCRIPTS[variants[v].script].frames_per_step))
+    return table, metric_table, counts

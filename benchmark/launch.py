@@ -1,0 +1,310 @@
+"""Launch planned runs: N at a time on this machine, or as a Slurm array through submitit.
+
+Both paths skip runs that already finished (a run directory with `summary.json` whose arguments match
+the planned command), so an interrupted sweep resumes by running the same command again. Runs write
+where the scripts put them (`{runs_dir}/{Game}__{exp_name}__{seed}__{time}/`); nothing is ever deleted.
+
+Preemption (SPEC: scripts checkpoint and exit 75 on SIGTERM/SIGUSR1/SIGUSR2): the local launcher sends
+SIGTERM to its runs on Ctrl-C; the submitit job forwards Slurm's preemption signal to its run and requeues
+the job when the run exits with 75. Runs are started with `--resume auto` when the script supports it,
+so a requeued or relaunched run continues from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import queue
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from benchmark.registry import ROOT, Run, split_flags
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL, the scripts' "checkpointed, run me again"
+IGNORED_WHEN_MATCHING = {"runs_dir", "resume", "cuda"}  # may differ between a plan and the finished run
+
+
+# ----------------------------------------------------------------------------------------------------
+# Which runs are done
+# ----------------------------------------------------------------------------------------------------
+def index_run_dirs(runs_dir: str) -> dict[str, list[str]]:
+    """{`{Game}__{exp_name}__{seed}`: its run directories `...__{unix_time}`, oldest first}, from one listing."""
+    found: dict[str, list[tuple[int, str]]] = {}
+    try:
+        entries = list(os.scandir(runs_dir))
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    for entry in entries:
+        key, _, stamp = entry.name.rpartition("__")
+        if key.count("__") == 2 and stamp.isdigit() and entry.is_dir():
+            found.setdefault(key, []).append((int(stamp), entry.path))
+    return {key: [path for _, path in sorted(dirs)] for key, dirs in found.items()}
+
+
+def run_dirs(run: Run, runs_dir: str, index: dict | None = None) -> list[str]:
+    """Directories `{Game}__{exp_name}__{seed}__{unix_time}` of this run, oldest first."""
+    return (index_run_dirs(runs_dir) if index is None else index).get(run.key, [])
+
+
+def same_value(planned: str | bool, logged) -> bool:
+    if isinstance(logged, bool) or isinstance(planned, bool):
+        return str(planned).lower() == str(logged).lower()
+    try:
+        return float(planned) == float(logged)
+    except (TypeError, ValueError):
+        return str(planned) == str(logged)
+
+
+def args_match(flags, logged_args: dict) -> bool:
+    """True when every planned flag that the finished run logged has the same value (so a shrunk run is not
+    mistaken for the full one)."""
+    for name, part in split_flags(flags):
+        key = name.replace("-", "_")
+        if key in IGNORED_WHEN_MATCHING or key not in logged_args:
+            continue
+        planned = (not part[0].startswith("--no-")) if len(part) == 1 else " ".join(part[1:])
+        if not same_value(planned, logged_args[key]):
+            return False
+    return True
+
+
+def finished_dir(run: Run, runs_dir: str, index: dict | None = None) -> str | None:
+    """The newest finished run directory of this run (summary.json, matching arguments), or None."""
+    for path in reversed(run_dirs(run, runs_dir, index)):
+        summary = os.path.join(path, "summary.json")
+        if os.path.exists(summary):
+            try:
+                with open(summary) as f:
+                    logged = json.load(f).get("args", {})
+            except (OSError, ValueError):
+                continue
+            if args_match(run.flags, logged):
+                return path
+    return None
+
+
+def split_done(runs: list[Run], runs_dir: str) -> tuple[list[Run], list[Run]]:
+    """(runs still to do, runs already finished)."""
+    todo, done, index = [], [], index_run_dirs(runs_dir)
+    for run in runs:
+        (done if finished_dir(run, runs_dir, index) else todo).append(run)
+    return todo, done
+
+
+# ----------------------------------------------------------------------------------------------------
+# Local: N at a time, spread over GPUs and CPU threads
+# ----------------------------------------------------------------------------------------------------
+def visible_gpus() -> list[str]:
+    """GPU ids this process may use: CUDA_VISIBLE_DEVICES when set, else every GPU torch sees."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # no torch or no driver: CPU only
+        return []
+
+
+def child_env(gpu: str, threads: int) -> dict:
+    """The run's environment: its GPU ("" = none) and its share of the CPU threads."""
+    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                CUDA_VISIBLE_DEVICES=gpu)
+
+
+def launch_local(runs: list[Run], jobs: int = 1, gpus: list[str] | None = None, threads: int | None = None,
+                 log_dir: str = "runs/launcher-logs", python: str = sys.executable, say=print) -> dict[str, list[Run]]:
+    """Run `runs` with at most `jobs` at a time; run i gets GPU gpus[i % len(gpus)] and `threads` CPU threads.
+
+    gpus: None = every visible GPU; [] = none (the runs see no GPU).
+
+    Each run's output goes to `{log_dir}/{Game}__{exp_name}__{seed}.log` (appended). Ctrl-C sends SIGTERM to
+    the running scripts (they checkpoint and exit 75) and returns; so does a SIGTERM to the launcher. Rerun the same
+    command to continue.
+    Returns {"finished": [...], "failed": [...], "interrupted": [...], "not_started": [...]}.
+    """
+    gpus = visible_gpus() if gpus is None else gpus
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    slots: queue.Queue = queue.Queue()
+    for i in range(jobs):
+        slots.put(gpus[i % len(gpus)] if gpus else "")
+    os.makedirs(log_dir, exist_ok=True)
+    stop = threading.Event()
+    live: dict[int, subprocess.Popen] = {}
+    outcome: dict[str, list[Run]] = {"finished": [], "failed": [], "interrupted": [], "not_started": []}
+    lock = threading.Lock()
+    total = len(runs)
+
+    def one(index: int, run: Run) -> None:
+        gpu = slots.get()
+        try:
+            if stop.is_set():
+                with lock:
+                    outcome["not_started"].append(run)
+                return
+            log_path = os.path.join(log_dir, f"{run.key}.log")
+            command = run.command(python)
+            where = f" on GPU {gpu}" if gpu else ""
+            say(f"[{index}/{total}] start {run.game} {run.exp_name} seed {run.seed}{where}")
+            start = time.time()
+            with open(log_path, "a") as log:
+                log.write(f"\n$ {shlex.join(command)}\n")
+                log.flush()
+                # a new session: a Ctrl-C in the terminal reaches the launcher only, which stops runs cleanly
+                proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=child_env(gpu, threads),
+                                        start_new_session=True)
+                with lock:
+                    live[proc.pid] = proc
+                code = proc.wait()
+                with lock:
+                    live.pop(proc.pid, None)
+            took = time.time() - start
+            if code == 0:
+                kind, text = "finished", f"done in {took:.0f}s"
+            elif code == EXIT_PREEMPTED:
+                kind, text = "interrupted", "interrupted (checkpointed, exit 75)"
+            elif stop.is_set() and code == -signal.SIGTERM:
+                kind, text = "interrupted", "interrupted (stopped before it could checkpoint)"
+            else:
+                kind, text = "failed", f"FAILED with exit code {code}; log: {log_path}"
+            with lock:
+                outcome[kind].append(run)
+            say(f"[{index}/{total}] {text}: {run.game} {run.exp_name} seed {run.seed}")
+        finally:
+            slots.put(gpu)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}  # Ctrl-C or kill
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=jobs)
+    futures = [pool.submit(one, i + 1, run) for i, run in enumerate(runs)]
+    try:
+        for future in concurrent.futures.as_completed(futures):
+            future.result()
+    except KeyboardInterrupt:
+        stop.set()
+        say("interrupted: asking the running scripts to checkpoint and stop (SIGTERM) ...")
+        with lock:
+            procs = list(live.values())
+        for proc in procs:
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        concurrent.futures.wait(futures)
+    finally:
+        pool.shutdown(wait=True)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return outcome
+
+
+# ----------------------------------------------------------------------------------------------------
+# Slurm through submitit
+# ----------------------------------------------------------------------------------------------------
+try:
+    from submitit.helpers import Checkpointable as _Checkpointable
+    from submitit.helpers import DelayedSubmission as _DelayedSubmission
+except ImportError:  # submitit is only needed for the cluster path
+    _Checkpointable, _DelayedSubmission = object, None
+
+
+def preempt_signal() -> signal.Signals:
+    """The signal submitit uses for preemption and time limits (USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise)."""
+    return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
+
+
+class RunJob(_Checkpointable):
+    """One run as a submitit job: starts the script as a child process and waits for it.
+
+    On the preemption/time-limit signal, submitit calls `checkpoint()`, which forwards the signal to the
+    script, waits up to `grace_s` for its checkpoint, and returns this job for submitit to requeue. When the
+    script exits with 75 by itself (SIGTERM forwarded, or any other stop), the job requeues itself too.
+    """
+
+    def __init__(self, command: list[str], cwd: str, env: dict, grace_s: float = 80.0):
+        self.command, self.cwd, self.env, self.grace_s = list(command), cwd, dict(env), grace_s
+        self._proc = None
+
+    def __getstate__(self):  # the child process does not travel with the pickled job
+        return {k: v for k, v in self.__dict__.items() if k != "_proc"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _proc=None)
+
+    def _forward(self, signum, frame=None) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signum)
+
+    def __call__(self) -> dict:
+        print(f"$ {shlex.join(self.command)}", flush=True)
+        self._proc = subprocess.Popen(self.command, cwd=self.cwd, env=dict(os.environ, **self.env),
+                                      start_new_session=True)  # signals reach it through us only, once
+        signal.signal(signal.SIGTERM, self._forward)  # submitit ignores SIGTERM; the script checkpoints on it
+        # poll, not wait(): a blocking wait() holds Popen's lock, and checkpoint() (run inside submitit's signal
+        # handler, on this thread) could then neither see the script exit nor wait for it
+        while (code := self._proc.poll()) is None:
+            time.sleep(0.5)
+        if code == EXIT_PREEMPTED:
+            print("the run checkpointed and exited with 75: requeueing", flush=True)
+            handler = signal.getsignal(preempt_signal())
+            if callable(handler):  # submitit's handler: calls checkpoint() below, requeues, exits
+                os.kill(os.getpid(), preempt_signal())
+                time.sleep(5)  # the handler runs before this returns
+            raise RuntimeError("the run was interrupted (exit 75) and this executor cannot requeue; submit it again")
+        if code != 0:
+            raise RuntimeError(f"{shlex.join(self.command)} exited with code {code}")
+        return {"command": self.command, "returncode": code}
+
+    def checkpoint(self, *args, **kwargs):
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            print(f"forwarding {preempt_signal().name} to the run and waiting for its checkpoint", flush=True)
+            proc.send_signal(preempt_signal())
+            try:
+                proc.wait(timeout=self.grace_s)
+            except subprocess.TimeoutExpired:
+                print(f"the run did not stop within {self.grace_s:.0f}s", flush=True)
+        return _DelayedSubmission(RunJob(self.command, self.cwd, self.env, self.grace_s))
+
+
+def launch_submitit(runs: list[Run], folder: str, cluster: str = "slurm", partition: str | None = None,
+                    time_min: int = 1440, gpus_per_run: int = 1, cpus_per_run: int = 4, mem_gb: float | None = None,
+                    array_parallelism: int = 256, account: str | None = None, qos: str | None = None,
+                    constraint: str | None = None, max_requeues: int = 20, setup: list[str] | None = None,
+                    name: str = "benchmark", python: str = sys.executable) -> list:
+    """Submit one job per run, as one Slurm array (one GPU each), through submitit; returns the jobs.
+
+    cluster "local" or "debug" runs the same jobs on this machine with submitit's local/debug executor.
+    """
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=max_requeues)
+    params = dict(name=name, timeout_min=time_min, gpus_per_node=gpus_per_run, tasks_per_node=1,
+                  cpus_per_task=cpus_per_run)
+    if mem_gb:
+        params["mem_gb"] = mem_gb
+    if cluster == "slurm":
+        extra = {k: v for k, v in (("account", account), ("qos", qos), ("constraint", constraint)) if v}
+        params.update(slurm_array_parallelism=array_parallelism, slurm_additional_parameters=extra,
+                      slurm_setup=[f"export PYTHONPATH={shlex.quote(ROOT)}${{PYTHONPATH:+:$PYTHONPATH}}",
+                                   *(setup or [])])
+        if partition:
+            params["slurm_partition"] = partition
+    elif cluster == "local" and setup:
+        params["local_setup"] = list(setup)
+    executor.update_parameters(**params)
+    cwd = os.getcwd()
+    env = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(cpus_per_run), "MKL_NUM_THREADS": str(cpus_per_run)}
+    python_path = ROOT + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
+    with submitit.helpers.environment_variables(PYTHONPATH=python_path):  # workers unpickle benchmark.launch.RunJob
+        with executor.batch():
+            jobs = [executor.submit(RunJob(run.command(python), cwd, env)) for run in runs]
+    return jobs

@@ -1,0 +1,135 @@
+"""benchmark/run.py and launch.py with real tiny runs of dqn_softmoe.py: the local launcher (N at a time, finished
+runs skipped, then the report), and the Slurm path through submitit's local executor, preemption included."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, ROOT)
+from benchmark.launch import launch_submitit  # noqa: E402
+from benchmark.registry import EXPERIMENTS, plan, supports_resume  # noqa: E402
+
+TINY = ["--games", "Breakout", "--seeds", "1", "--steps", "300"]
+SCRIPT_FLAGS = ["--", "--encoder", "nature", "--learning-starts", "290", "--metrics-every", "0", "--no-cuda"]
+
+
+def run_py(*args, cwd):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "run.py"), *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+def finished(runs_dir):
+    return sorted(os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(runs_dir, "*", "summary.json")))
+
+
+def test_local_launch_skips_finished_runs_and_reports(tmp_path, capsys):
+    runs = str(tmp_path / "runs")
+    first = run_py("fig1", "--variants", "dqn-baseline-1", *TINY, "--runs-dir", runs, *SCRIPT_FLAGS, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "1 runs planned, 0 already finished, 1 to run" in first.stdout
+    (done,) = finished(runs)
+    assert done.startswith("Breakout__fig1-dqn-baseline-1__1__")
+
+    # the same sweep with two more variants: the finished run is skipped, the two others run side by side
+    second = run_py("fig1", "--variants", "dqn-baseline-1", "dqn-softmoe-1", "dqn-softmoe-2", *TINY, "--runs-dir", runs,
+                    "--jobs", "2", "--gpus", "0,1", "--report", "--reps", "200", "--curve-reps", "20", "--poi-reps",
+                    "20", "--workers", "1", *SCRIPT_FLAGS, cwd=tmp_path)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "3 runs planned, 1 already finished, 2 to run" in second.stdout
+    assert "on GPU 0" in second.stdout and "on GPU 1" in second.stdout  # one run per slot, slots spread over GPUs
+    names = finished(runs)
+    assert len(names) == 3 and done in names  # nothing rerun, nothing deleted
+    for name in names:
+        summary = json.load(open(os.path.join(runs, name, "summary.json")))
+        assert summary["global_step"] == 300 and summary["args"]["resume"] == "auto"
+        assert os.path.exists(os.path.join(runs, "launcher-logs", name.rsplit("__", 1)[0] + ".log"))
+    out = tmp_path / "results" / "fig1"
+    for name in ("returns.csv", "final_scores.csv", "aggregates.csv", "summary.md", "fig1_iqm_vs_number-of-experts.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert "| SoftMoE (2 experts) | `fig1-dqn-softmoe-2` |" in (out / "summary.md").read_text()
+
+    dry = run_main(capsys, "fig1", "--variants", "dqn-*-1", "dqn-softmoe-2", *TINY, "--runs-dir", runs, "--dry-run",
+                   *SCRIPT_FLAGS)
+    lines = [line for line in dry.splitlines() if "dqn_softmoe.py" in line]
+    assert len(lines) == 4 and sum(line.startswith("# finished: ") for line in lines) == 3  # dqn-top1-1 is to run
+
+    # a different budget is a different run: not mistaken for the finished one
+    other = run_main(capsys, "fig1", "--variants", "dqn-baseline-1", *TINY[:-1], "400", "--runs-dir", runs, "--dry-run",
+                     *SCRIPT_FLAGS)
+    assert "0 finished, 1 to run" in other
+
+
+def run_main(capsys, *args):
+    """benchmark/run.py in this process (a dry run starts nothing)."""
+    from benchmark import run
+
+    capsys.readouterr()
+    assert run.main(list(args)) == 0
+    return capsys.readouterr().out
+
+
+def test_slurm_path_with_submitits_local_executor(tmp_path):
+    runs = str(tmp_path / "runs")
+    result = run_py("fig1", "--variants", "dqn-softmoe-1", *TINY, "--runs-dir", runs, "--launcher", "slurm",
+                    "--submitit-cluster", "local", "--gpus-per-run", "0", "--cpus-per-run", "1", "--time-min", "10",
+                    *SCRIPT_FLAGS, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 jobs finished" in result.stdout
+    (name,) = finished(runs)
+    assert name.startswith("Breakout__fig1-dqn-softmoe-1__1__")
+    assert glob.glob(os.path.join(runs, "submitit", "*", "*_log.out"))  # submitit's logs, beside the runs
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = open(stat).read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.split("/")[2]))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the job's process in /proc")
+def test_submitit_job_forwards_preemption_and_requeues(tmp_path):
+    if not supports_resume("dqn_softmoe"):
+        pytest.skip("dqn_softmoe.py has no --resume yet")
+    runs_dir = str(tmp_path / "runs")
+    # random play only (learning starts at the end): a few seconds of real stepping, long enough to be preempted
+    (run,) = plan(EXPERIMENTS["fig1"], variants=["dqn-baseline-1"], games=["Breakout"], seeds=1, steps=8_000,
+                  runs_dir=runs_dir, extra=["--encoder", "nature", "--learning-starts", "8000", "--buffer-size", "2000",
+                                            "--metrics-every", "0", "--no-cuda"])
+    (job,) = launch_submitit([run], str(tmp_path / "submitit" / "%j"), cluster="local", gpus_per_run=0, cpus_per_run=1,
+                             time_min=60)  # signalled well before its time limit: a preemption
+    deadline = time.time() + 120
+    while not glob.glob(os.path.join(runs_dir, "*", "events.out.tfevents.*")):  # the script is running
+        assert time.time() < deadline and job.state != "FINISHED", job.stdout()
+        time.sleep(0.2)
+    time.sleep(0.5)
+    (worker,) = children(job._process.pid)  # the submitit task running RunJob (the controller's child)
+    os.kill(worker, signal.SIGUSR2)  # what Slurm sends before a preemption or the time limit
+    while "resumed at agent step" not in job.stdout():  # requeued: a new task continues from the checkpoint
+        assert time.time() < deadline and job.state != "FINISHED", job.stdout()
+        time.sleep(0.1)
+    time.sleep(0.3)  # the script's signal handlers are installed right after that line
+    (worker,) = children(job._process.pid)
+    os.kill(worker, signal.SIGTERM)  # forwarded to the script, which checkpoints and exits 75: the job requeues itself
+    job.result()  # waits through the requeues; raises if the job failed
+    log = job.stdout()
+    assert "forwarding SIGUSR2 to the run" in log and "SIGUSR2 at agent step" in log
+    assert "SIGTERM at agent step" in log and "the run checkpointed and exited with 75: requeueing" in log
+    assert log.count("resumed at agent step") == 2
+    (run_dir,) = glob.glob(os.path.join(runs_dir, "Breakout__*"))  # continued in place, not started over
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    assert summary["global_step"] == 8_000
+    assert "this job is preempted" in job.stderr()

@@ -1,0 +1,206 @@
+"""benchmark/registry.py: every experiment of SPEC §9 exists, is the paper's plan, and expands to commands that
+the scripts' own parsers accept (commands of scripts not written yet are skipped, naming the script)."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import tyro
+
+from conftest import ROOT, load_script
+
+sys.path.insert(0, ROOT)
+from benchmark.launch import same_value  # noqa: E402
+from benchmark.registry import EXPERIMENTS, SCRIPTS, plan, split_flags  # noqa: E402
+
+SPEC_IDS = ["fig1", "fig4", "fig5", "fig6", "fig7", "fig8", "fig9", "fig10", "fig11", "fig12", "fig13", "fig18", "fig19"]
+
+# Appendix A of the paper, typed from its text (independent of the CSV the registry reads)
+GAMES20 = set("AirRaid Asterix Asteroids Bowling Breakout DemonAttack Freeway Gravitar Jamesbond MontezumaRevenge "
+              "MsPacman Pong PrivateEye Qbert Seaquest SpaceInvaders Venture WizardOfWor YarsRevenge Zaxxon".split())
+GAMES26 = set("Alien Amidar Assault Asterix BankHeist BattleZone Boxing Breakout ChopperCommand CrazyClimber "
+              "DemonAttack Freeway Frostbite Gopher Hero Jamesbond Kangaroo Krull KungFuMaster MsPacman Pong PrivateEye "
+              "Qbert RoadRunner Seaquest UpNDown".split())
+GAMES60 = GAMES26 | set("AirRaid Asteroids Atlantis BeamRider Berzerk Bowling Carnival Centipede DoubleDunk "
+                        "ElevatorAction Enduro FishingDerby Gravitar IceHockey JourneyEscape MontezumaRevenge "
+                        "NameThisGame Phoenix Pitfall Pooyan Riverraid Robotank Skiing Solaris SpaceInvaders StarGunner "
+                        "Tennis TimePilot Tutankham Venture VideoPinball WizardOfWor YarsRevenge Zaxxon".split())
+IDENTITY = {"env-id", "seed", "exp-name", "runs-dir", "resume", "dataset-dir"}
+
+
+def config(run) -> tuple:
+    """A run's configuration: (script, flags other than its identity, sorted)."""
+    flags = tuple(sorted((name, " ".join(part[1:]) or part[0]) for name, part in split_flags(run.flags)
+                         if name not in IDENTITY))
+    return run.script, flags
+
+
+def cfg(script, budget, *flags, budget_flag="--total-timesteps"):
+    pairs = [(budget_flag.lstrip("-"), str(budget))] + [(flags[i].lstrip("-"), flags[i + 1]) for i in range(0, len(flags), 2)]
+    return script, tuple(sorted(pairs))
+
+
+def moe(kind, n):
+    return ("--moe-type", kind, "--num-experts", str(n))
+
+
+def expected_configs():
+    """The paper's plan per figure, written out again from the paper (not from the registry)."""
+    dqn, rainbow = "dqn_softmoe", "rainbow_softmoe"
+    m50, m12 = 50_000_000, 12_500_000
+    e = {}
+    e["fig1"] = {cfg(s, m50, *moe(k, n)) for s in (dqn, rainbow) for k in ("baseline", "softmoe", "top1") for n in (1, 2, 4, 8)}
+    e["fig4"] = {cfg(s, m50, *moe(k, n), "--replay-ratio", rr) for s in (dqn, rainbow)
+                 for k, n in (("baseline", 1), ("softmoe", 8)) for rr in ("0.25", "0.5", "1", "2")}
+    e["fig5"] = ({cfg(rainbow, m50, *moe(k, n)) for k in ("baseline", "softmoe") for n in (1, 2, 4, 8)}
+                 | {cfg(rainbow, m50, *moe("softmoe", n), "--expert-hidden-divide", "--expert-hidden-divide")
+                    for n in (2, 4, 8)})
+    e["fig6"] = {cfg(rainbow, m50, *moe(k, 8), "--tokenization", t) for k in ("softmoe", "top1")
+                 for t in ("perconv", "perfeat", "persamp")}
+    e["fig7"] = {cfg(s, m50, *moe(k, n), "--encoder", "nature") for s in (dqn, rainbow)
+                 for k, n in (("baseline", 1), ("softmoe", 8), ("top1", 8))}
+    e["fig8"] = {cfg(rainbow, m50, *moe("baseline", 1)), cfg(rainbow, m50, *moe("softmoe", 8)),
+                 cfg(rainbow, m50, *moe("softmoe", 8), "--random-phi", "--random-phi")}
+    e["fig9"] = {cfg(s, m50, *f) for s in (dqn, rainbow)
+                 for f in (moe("baseline", 1), moe("top1", 8), (*moe("top1", 8), "--load-balancing-coef", "1.0"))}
+    e["fig10"] = {cfg(rainbow, m12, *moe(k, n), "--metrics-every", "250000")
+                  for k, n in (("baseline", 1), ("softmoe", 8), ("top1", 8))}
+    e["fig11"] = {cfg("cql_softmoe", 200, *moe(k, n), "--agent", agent, "--data-fraction", frac,
+                      "--gradient-steps-per-iteration", "62500", budget_flag="--num-iterations")
+                  for k, n in (("baseline", 1), ("softmoe", 8), ("top1", 8))
+                  for agent, frac in (("cql", "0.05"), ("cql-c51", "0.05"), ("cql-c51", "0.1"), ("cql-c51", "0.5"))}
+    e["fig12"] = {cfg(s, budget, *moe(k, n), *extra) for s in ("drq_softmoe", "der_softmoe")
+                  for budget, extra in ((100_000, ()), (m12, ("--eval-every", "250000")))
+                  for k, n in (("baseline", 1), ("softmoe", 4), ("softmoe", 8), ("top1", 4), ("top1", 8))}
+    e["fig13"] = {cfg(s, m12, *moe("softmoe", 8), "--expert-variant", v, *norm) for s in (dqn, rainbow)
+                  for v in ("regular", "big", "all") for norm in ((), ("--moe-l2-norm", "--moe-l2-norm"))}
+    e["fig18"] = {cfg(dqn, m12, *moe(k, n), "--impala-filter-size", f) for k, n in (("baseline", 1), ("softmoe", 8))
+                  for f in ("4", "6")}
+    e["fig19"] = {cfg(rainbow, m50, *moe(k, n), *enc) for k, n in (("baseline", 1), ("softmoe", 8), ("top1", 8))
+                  for enc in ((), ("--encoder", "nature"))}
+    return e
+
+
+def test_every_spec_experiment_is_registered():
+    assert list(EXPERIMENTS) == SPEC_IDS
+
+
+@pytest.mark.parametrize("name", SPEC_IDS)
+def test_plan_is_the_papers(name):
+    runs = plan(EXPERIMENTS[name], resume=False)
+    assert {config(r) for r in runs} == expected_configs()[name]
+    seeds = 3 if name == "fig19" else 5
+    by_variant = {}
+    for r in runs:
+        by_variant.setdefault((r.variant, r.exp_name), set()).add((r.game, r.seed))
+    assert len({exp for _, exp in by_variant}) == len(by_variant) == len(EXPERIMENTS[name].variants)  # unique exp names
+    for (variant, exp_name), cells in by_variant.items():
+        assert exp_name == f"{name}-{variant}" and "__" not in exp_name
+        games = {g for g, _ in cells}
+        assert cells == {(g, s) for g in games for s in range(1, seeds + 1)}
+        expected_games = {"fig8": GAMES20 if variant.endswith("randphi") else GAMES60, "fig12": GAMES26,
+                          "fig10": {"Asterix", "Pong", "SpaceInvaders"}}.get(name, GAMES20)
+        if name == "fig11":  # 17 games (our labelled choice; the paper does not list them)
+            assert len(games) == 17 and games <= GAMES60
+        else:
+            assert games == expected_games, variant
+
+
+def test_every_panel_draws_existing_variants():
+    for e in EXPERIMENTS.values():
+        names = {v.name for v in e.variants}
+        for panel in e.panels:
+            assert set(panel.variants) <= names and all(x in names and y in names for x, y in panel.comparisons)
+        assert names == {v for p in e.panels for v in p.variants}, e.name  # every run is drawn somewhere
+        if "scaling" in e.plots:
+            assert all(v.x is not None for v in e.variants)
+
+
+PAIRS = [(e.name, s) for e in EXPERIMENTS.values() for s in e.scripts]
+
+
+@pytest.mark.parametrize("experiment,script", PAIRS, ids=[f"{e}-{s}" for e, s in PAIRS])
+def test_commands_parse_with_the_scripts_own_parser(experiment, script):
+    if not SCRIPTS[script].exists():
+        pytest.skip(f"{script}.py does not exist yet")
+    module = load_script(script)
+    runs = [r for r in plan(EXPERIMENTS[experiment]) if r.script == script]
+    for game in sorted({r.game for r in runs}):  # every game name is one the script accepts
+        module.resolve_rom(game)
+    for run in {r.variant: r for r in runs}.values():  # one command per variant (games and seeds only vary ids)
+        try:
+            args = tyro.cli(module.Args, args=list(run.flags))
+        except SystemExit:
+            pytest.fail(f"{script}.py rejects: {' '.join(run.flags)}")
+        module.check_args(args)  # the script's own refusal of impossible flag combinations
+        for name, part in split_flags(run.flags):
+            planned = (not part[0].startswith("--no-")) if len(part) == 1 else " ".join(part[1:])
+            assert same_value(planned, getattr(args, name.replace("-", "_"))), (run.variant, name)
+
+
+def test_flags_of_every_script_are_in_its_contract():
+    """Commands use only the flags listed in SCRIPTS (the expected flags of future scripts); for scripts that
+    exist, every listed flag is one their parser has."""
+    for e in EXPERIMENTS.values():
+        for run in plan(e):
+            used = {"--" + name for name, _ in split_flags(run.flags)} - {"--resume"}
+            assert used <= set(SCRIPTS[run.script].flags), (e.name, run.script, used - set(SCRIPTS[run.script].flags))
+    for script in SCRIPTS.values():
+        if script.exists():
+            fields = {f.name for f in dataclasses.fields(load_script(script.name).Args)}
+            assert {f[2:].replace("-", "_") for f in script.flags} <= fields, script.name
+
+
+def test_shrinking_a_plan():
+    runs = plan(EXPERIMENTS["fig12"], games=["pong", "ALE/Breakout-v5"], seeds=2, variants=["drq-*"], steps=5000,
+                tag="quick", extra=["--num-experts", "3", "--no-cuda"], resume=False)
+    assert len(runs) == 10 * 2 * 2
+    for r in runs:
+        assert r.game in ("Pong", "Breakout") and r.seed in (1, 2) and r.exp_name.endswith("-quick")
+        flags = dict((n, p[1:]) for n, p in split_flags(r.flags))
+        assert flags["total-timesteps"] == ["5000"] and flags["buffer-size"] == ["5000"]
+        assert flags["num-experts"] == ["3"] and r.flags.count("--num-experts") == 1  # extra flags win, once
+        assert flags.get("eval-every") == (["500"] if "50Mframes" in r.variant else None)
+    online = plan(EXPERIMENTS["fig1"], num_games=1, seeds=1, steps=1000, resume=False)
+    assert len(online) == 24 and all("--iteration-steps" in r.flags for r in online)
+    assert "--resume" in plan(EXPERIMENTS["fig1"], seeds=1, num_games=1, resume=True)[0].flags
+
+
+def cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "run.py"), *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_dry_run_lists_the_papers_plan():
+    result = cli("fig1", "--dry-run", "--runs-dir", "/nonexistent/runs")
+    assert result.returncode == 0, result.stderr
+    commands = [line for line in result.stdout.splitlines() if not line.startswith("#")]
+    assert len(commands) == 2400
+    assert commands[0].startswith("python dqn_softmoe.py --env-id AirRaid --seed 1 --exp-name fig1-dqn-baseline-1 ")
+    assert sum("rainbow_softmoe.py" in c for c in commands) == 1200
+    assert sum("--total-timesteps 50000000" in c for c in commands) == 2400
+    assert "2400 runs: 24 variants x 20 games x 5 seeds" in result.stdout
+
+
+def test_bad_input_is_one_clear_line():
+    result = cli("fig2", "--dry-run")  # the real command line: exit code 2, one line, no traceback
+    assert result.returncode == 2
+    assert result.stderr == ("run.py: error: unknown experiment 'fig2'; did you mean fig12, fig9, fig8? experiments: "
+                             + ", ".join(SPEC_IDS) + "\n")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["fig1", "--games", "Pongg", "--dry-run"], "run.py: error: unknown game 'Pongg'; closest: Pong"),
+    (["fig1", "--variants", "ppo-*", "--dry-run"], "run.py: error: no variant of fig1 matches ppo-*"),
+    (["fig1", "--seeds", "0", "--dry-run"], "run.py: error: --seeds, --num-games and --steps must be positive"),
+    (["fig1", "--tag", "a__b", "--dry-run"], "run.py: error: --tag 'a__b': use letters, digits"),
+    ([], "run.py: error: name an experiment (or use --list)"),
+])
+def test_bad_options_are_one_clear_line(capsys, args, message):
+    from benchmark import run
+
+    assert run.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err

@@ -1,0 +1,232 @@
+"""benchmark/collect.py, stats.py, plots.py and report.py on real TensorBoard event files with known values:
+the tidy table, human-normalised scores and IQM against hand computations, the intervals against rliable."""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import matplotlib.image
+import numpy as np
+import pandas as pd
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+from conftest import ROOT
+
+sys.path.insert(0, ROOT)
+from benchmark.registry import EXPERIMENTS  # noqa: E402
+from benchmark.report import report  # noqa: E402
+from benchmark.stats import improvement_probability  # noqa: E402
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from rliable import library as rly
+    from rliable import metrics
+
+# human and random scores of the paper's tables (Pong, Breakout); AirRaid has no human score
+PONG, BREAKOUT = (-20.7, 14.6), (1.7, 30.5)
+STAMP = 1_700_000_000
+
+
+def write_run(runs_dir, game, exp_name, seed, scalars, stamp=STAMP, finished=True):
+    """A run directory as the scripts write it: TensorBoard events, then summary.json when finished."""
+    path = os.path.join(runs_dir, f"{game}__{exp_name}__{seed}__{stamp}")
+    writer = SummaryWriter(path)
+    for tag, points in scalars.items():
+        for point in points:
+            step, value, wall = (*point, None)[:3]
+            writer.add_scalar(tag, value, step, walltime=wall)
+    writer.close()
+    if finished:
+        with open(os.path.join(path, "summary.json"), "w") as f:
+            json.dump({"game": game, "exp_name": exp_name, "seed": seed, "args": {}}, f)
+    return path
+
+
+def iteration_returns(final, first=0.0):
+    return {"charts/iteration_return": [(250_000, first), (500_000, final)]}
+
+
+# fig18's 4x4 panel: X = Soft MoE, Y = baseline; final returns per game and seed 1..4
+X = {"Pong": [10.0, -5.0, 3.0, 20.0], "Breakout": [25.0, 5.0, 12.0, 30.0], "AirRaid": [1000.0, 2000.0, 1500.0, 1200.0]}
+Y = {"Pong": [-20.0, -21.0, 3.0, 5.0], "Breakout": [2.0, 5.0, 3.0, 40.0], "AirRaid": [900.0, 800.0, 700.0, 600.0]}
+
+
+@pytest.fixture(scope="module")
+def fig18_report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fig18")
+    runs = str(root / "runs")
+    for variant, table in (("dqn-softmoe-8-filter4", X), ("dqn-baseline-filter4", Y)):
+        for game, finals in table.items():
+            for seed, final in enumerate(finals, start=1):
+                write_run(runs, game, f"fig18-{variant}-t", seed, iteration_returns(final, first=seed))
+    # an older finished run of the same cell (ignored: the newest finished run counts) ...
+    write_run(runs, "Pong", "fig18-dqn-softmoe-8-filter4-t", 1, iteration_returns(-21.0), stamp=STAMP - 10)
+    # ... an unfinished run (skipped unless --partial), and runs of another tag and experiment (ignored)
+    write_run(runs, "Breakout", "fig18-dqn-softmoe-8-filter4-t", 5, iteration_returns(0.0), finished=False)
+    write_run(runs, "Pong", "fig18-dqn-softmoe-8-filter4", 1, iteration_returns(7.0))
+    write_run(runs, "Pong", "fig1-dqn-softmoe-8-t", 1, iteration_returns(7.0))
+    out = str(root / "results")
+    written = report(EXPERIMENTS["fig18"], runs, out, tag="t", reps=1000, curve_reps=50, poi_reps=100, say=lambda s: None)
+    return runs, out, written
+
+
+def norm(game, value):
+    random, human = {"Pong": PONG, "Breakout": BREAKOUT}[game]
+    return (value - random) / (human - random)
+
+
+def matrix(table):
+    """(runs x games) human-normalised final scores, games in alphabetical order, AirRaid left out."""
+    return np.array([[norm(g, table[g][s]) for g in ("Breakout", "Pong")] for s in range(4)])
+
+
+def test_tidy_table_holds_what_the_runs_logged(fig18_report):
+    _, out, _ = fig18_report
+    returns = pd.read_csv(os.path.join(out, "returns.csv"))
+    assert list(returns.columns) == ["experiment", "variant", "game", "seed", "step", "frames", "hours", "return",
+                                     "normalized", "finished"]
+    assert set(returns["experiment"]) == {"fig18"} and returns["finished"].all()
+    expected = {(v, g, s + 1, 500_000, final) for v, table in (("dqn-softmoe-8-filter4", X), ("dqn-baseline-filter4", Y))
+                for g, finals in table.items() for s, final in enumerate(finals)}
+    expected |= {(v, g, s, 250_000, float(s)) for v, g, s, _, _ in expected}
+    assert set(returns[["variant", "game", "seed", "step", "return"]].itertuples(index=False, name=None)) == expected
+    assert (returns["frames"] == 4 * returns["step"]).all()
+    for _, row in returns.iterrows():
+        if row["game"] == "AirRaid":
+            assert np.isnan(row["normalized"])  # no human score: raw only
+        else:
+            assert row["normalized"] == pytest.approx(norm(row["game"], row["return"]))
+
+
+def test_iqm_median_mean_and_intervals(fig18_report):
+    _, out, _ = fig18_report
+    aggregates = pd.read_csv(os.path.join(out, "aggregates.csv")).set_index("variant")
+    for variant, table in (("dqn-softmoe-8-filter4", X), ("dqn-baseline-filter4", Y)):
+        row = aggregates.loc[variant]
+        assert row["games"] == 2 and row["runs_per_game"] == 4  # AirRaid left out of the aggregates
+        scores = sorted(matrix(table).ravel())  # 8 scores: the IQM is the mean of the middle four
+        assert row["iqm"] == pytest.approx(sum(scores[2:6]) / 4)
+        game_means = matrix(table).mean(axis=0)  # the median is over games of the mean over runs (Agarwal et al.)
+        assert row["median"] == pytest.approx((game_means[0] + game_means[1]) / 2)
+        assert row["mean"] == pytest.approx(sum(scores) / 8)
+        assert row["optimality_gap"] == pytest.approx(1 - np.mean(np.minimum(scores, 1)))
+        # the intervals are rliable's stratified bootstrap on the same matrix with numpy's generator seeded
+        np.random.seed(0)
+        fn = lambda s: np.array([metrics.aggregate_median(s), metrics.aggregate_iqm(s), metrics.aggregate_mean(s),  # noqa
+                                 metrics.aggregate_optimality_gap(s)])
+        _, ci = rly.get_interval_estimates({"m": matrix(table)}, fn, reps=1000)
+        assert [row["iqm_low"], row["iqm_high"]] == pytest.approx(ci["m"][:, 1], abs=1e-12)
+        assert [row["median_low"], row["median_high"]] == pytest.approx(ci["m"][:, 0], abs=1e-12)
+        assert row["iqm_low"] < row["iqm"] < row["iqm_high"]
+
+
+def test_probability_of_improvement_matches_rliable(fig18_report):
+    _, out, _ = fig18_report
+    poi = pd.read_csv(os.path.join(out, "probability_of_improvement.csv"))
+    row = poi[(poi["x"] == "dqn-softmoe-8-filter4") & (poi["y"] == "dqn-baseline-filter4")].iloc[0]
+    mx, my = matrix(X), matrix(Y)
+    assert row["probability"] == pytest.approx(metrics.probability_of_improvement(mx, my))
+    np.random.seed(0)
+    _, ci = rly.get_interval_estimates({"p": [mx, my]}, metrics.probability_of_improvement, reps=100)
+    assert [row["low"], row["high"]] == pytest.approx(np.ravel(ci["p"]), abs=1e-12)
+    rng = np.random.default_rng(0)
+    for shape_x, shape_y in (((5, 3), (5, 3)), ((3, 4), (6, 4))):  # ties included (small integers)
+        a, b = rng.integers(0, 4, shape_x).astype(float), rng.integers(0, 4, shape_y).astype(float)
+        assert improvement_probability(a, b) == pytest.approx(metrics.probability_of_improvement(a, b))
+
+
+def test_summary_and_figures(fig18_report):
+    runs, out, written = fig18_report
+    summary = open(os.path.join(out, "summary.md")).read()
+    assert "## Filter size (4x4)" in summary and "| SoftMoE | `fig18-dqn-softmoe-8-filter4-t` |" in summary
+    assert "AirRaid" in summary and "left out of aggregates" in summary
+    assert "24 runs read from" in summary and "24 finished; 1 unfinished skipped" in summary
+    for name in ("curves", "per_game:Filter size (4x4)", "profiles:Filter size (4x4)"):
+        assert_png(written[name])
+    # --partial adds the unfinished run; Breakout then has 5 seeds and the matrix keeps 4 per game
+    partial = report(EXPERIMENTS["fig18"], runs, out + "-partial", tag="t", partial=True, reps=200, curve_reps=20,
+                     poi_reps=20, say=lambda s: None)
+    returns = pd.read_csv(partial["returns.csv"])
+    assert (~returns["finished"]).sum() == 2
+    assert pd.read_csv(partial["aggregates.csv"])["runs_per_game"].tolist() == [4, 4]
+
+
+def assert_png(path):
+    assert os.path.getsize(path) > 5_000, path
+    pixels = matplotlib.image.imread(path)
+    assert pixels.ndim == 3 and pixels.std() > 0.01, path  # not a blank image
+
+
+def test_atari100k_evaluations_and_figure_1_plots(tmp_path):
+    runs = str(tmp_path / "runs")
+    for seed in (1, 2):
+        for game, offset in (("Pong", 0.0), ("Breakout", 10.0)):
+            for n in (1, 2):
+                for kind in ("baseline", "softmoe"):
+                    value = offset + n * seed + (kind == "softmoe")
+                    write_run(runs, game, f"fig1-dqn-{kind}-{n}", seed,
+                              {"charts/iteration_return": [(k * 250_000, value * k / 3) for k in (1, 2, 3)]})
+        # Atari 100k: one eval/episodic_return per evaluation episode, at the step of the evaluation
+        write_run(runs, "Pong", "fig12-drq-softmoe-8-100k", seed, {"eval/episodic_return": [(100_000, 1.0 * seed),
+                                                                                             (100_000, 2.0 * seed),
+                                                                                             (100_000, 3.0 * seed)]})
+    written = report(EXPERIMENTS["fig1"], runs, str(tmp_path / "fig1"), reps=200, curve_reps=20, poi_reps=20,
+                     say=lambda s: None)
+    for name in ("scaling", "curves", "per_game:DQN", "profiles:DQN"):
+        assert_png(written[name])
+    assert os.path.basename(written["scaling"]) == "fig1_iqm_vs_number-of-experts.png"
+    aggregates = pd.read_csv(written["aggregates.csv"])
+    assert set(aggregates["variant"]) == {"dqn-baseline-1", "dqn-baseline-2", "dqn-softmoe-1", "dqn-softmoe-2"}
+    curves = pd.read_csv(written["curves.csv"])
+    assert sorted(set(curves["step"])) == [250_000, 500_000, 750_000]
+
+    written = report(EXPERIMENTS["fig12"], runs, str(tmp_path / "fig12"), reps=200, curve_reps=20, poi_reps=20,
+                     say=lambda s: None)
+    returns = pd.read_csv(written["returns.csv"])
+    assert returns[["seed", "step", "frames", "return"]].values.tolist() == [[1, 100_000, 400_000, 2.0],
+                                                                             [2, 100_000, 400_000, 4.0]]
+
+
+def test_figure_10_metrics_and_figure_19_wall_time(tmp_path):
+    runs = str(tmp_path / "runs")
+    t0 = 1_700_000_000.0
+    for seed in (1, 2):
+        for variant in ("baseline", "softmoe-8"):
+            write_run(runs, "Pong", f"fig10-rainbow-{variant}", seed, {
+                "charts/iteration_return": [(250_000, -20.0 + seed), (500_000, -10.0 + seed)],
+                "metrics/entk_srank": [(250_000, 10.0 + seed), (500_000, 12.0)],
+                "metrics/feature_norm": [(250_000, 3.0), (500_000, 4.0 + seed)],
+                "metrics/dormant_tau0": [(250_000, 0.1), (500_000, 0.2)]})
+            # 1 h of training (an event every 10 min), a 5 h gap (a requeue: counted as 30 min), 1 h more
+            walls = [t0, t0 + 3600, t0 + 6 * 3600, t0 + 7 * 3600]
+            ticks = [t0 + 600 * k for k in range(7)] + [t0 + 6 * 3600 + 600 * k for k in range(7)]
+            write_run(runs, "Pong", f"fig19-rainbow-{variant}-impala", seed, {
+                "charts/SPS": [(k, 100.0, w) for k, w in enumerate(ticks)],
+                "charts/iteration_return": [(250_000 * (k + 1), float(k + seed), w) for k, w in enumerate(walls)]})
+    written = report(EXPERIMENTS["fig10"], runs, str(tmp_path / "fig10"), reps=200, curve_reps=20, poi_reps=20,
+                     say=lambda s: None)
+    assert_png(written["metrics"])
+    metric_rows = pd.read_csv(written["metrics.csv"])
+    assert len(metric_rows) == 2 * 2 * 3 * 2 and set(metric_rows["metric"]) == {
+        "metrics/entk_srank", "metrics/feature_norm", "metrics/dormant_tau0"}
+    written = report(EXPERIMENTS["fig19"], runs, str(tmp_path / "fig19"), reps=200, curve_reps=20, poi_reps=20,
+                     say=lambda s: None)
+    assert_png(written["walltime"])
+    returns = pd.read_csv(written["returns.csv"])
+    assert returns.groupby("step")["hours"].first().tolist() == pytest.approx([0.0, 1.0, 1.5, 2.5])
+    hours = pd.read_csv(written["walltime_curves.csv"])
+    assert sorted(set(hours["hours"])) == pytest.approx([0.0, 1.0, 1.5, 2.5])
+
+
+def test_no_results_is_one_clear_line(tmp_path):
+    (tmp_path / "runs").mkdir()
+    write_run(str(tmp_path / "runs"), "Pong", "fig1-dqn-softmoe-8", 1, iteration_returns(1.0), finished=False)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "report.py"), "fig1", "--runs-dir",
+                             str(tmp_path / "runs"), "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr == (f"report.py: error: no results for fig1 in {tmp_path / 'runs'}: 1 run directories, "
+                             "1 unfinished (use --partial to include them)\n")
+    assert not (tmp_path / "out").exists()
