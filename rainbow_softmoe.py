@@ -716,12 +716,16 @@ class ReplayBuffer:
         return torch.where(missed, torch.where(idx > lo, idx - 1, idx + 1), idx), envs
 
     def stack_frames(self, idx, envs):
-        """(B,) logical slots -> (B, stack, 84, 84) uint8, frames before the episode's first one set to zero."""
+        """(B,) logical slots -> (B, stack, 84, 84) uint8, frames before the episode's first one set to zero.
+
+        An episode ends at a `last` slot or after a `terminal` transition: with life losses as terminals
+        (atari100k), the agent's stack restarts at each life, as Dopamine's runner begins a new agent episode.
+        """
         offsets = torch.arange(-self.stack + 1, 1, device=self.device)
         slots = idx[:, None] + offsets  # (B, stack), oldest first
         frames = self.frames[slots % self.size, envs[:, None]]
-        ended = self.last[slots % self.size, envs[:, None]] | (slots < 0)
-        # frame j belongs to an earlier episode if any slot in [j, idx - 1] holds an episode's final observation
+        ended = self.last[slots % self.size, envs[:, None]] | self.terminals[slots % self.size, envs[:, None]] | (slots < 0)
+        # frame j belongs to an earlier episode if any slot in [j, idx - 1] ended one
         earlier = ended.flip(1).cumsum(1).flip(1) - ended[:, -1:].long() > 0
         return frames * ~earlier[..., None, None]
 

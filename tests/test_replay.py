@@ -70,15 +70,17 @@ def test_n_step_returns_terminal_and_truncation(dqn):
     assert final_stack == [0, label(s)[0, 0], label(s + 1)[0, 0], label(s + 2)[0, 0]]
 
 
-def test_life_loss_terminal_stops_bootstrapping_but_not_the_stack(dqn):
-    """atari100k: a life loss is `terminal` without ending the game, so the next slot is not `last`."""
+def test_life_loss_terminal_stops_bootstrapping_and_restarts_the_stack(dqn):
+    """atari100k: a life loss is `terminal` without ending the game (the next slot is not `last`). Bootstrapping
+    stops there and, as in Dopamine's runner, the agent's frame stack restarts with the next life."""
     rb = dqn.ReplayBuffer(100, 1, "cpu", n_step=3, gamma=0.9)
     for t in range(8):
         rb.add(label(t)[None], [0], [1.0], [t == 2], [False])
-    states, _, returns, discounts, _ = rb.gather(torch.tensor([1, 3]), torch.zeros(2, dtype=torch.long))
-    assert returns.tolist() == pytest.approx([1 + 0.9, 1 + 0.9 + 0.81])
-    assert discounts.tolist() == pytest.approx([0.0, 0.9**3])
-    assert states[1, :, 0, 0].tolist() == [label(t)[0, 0] for t in range(0, 4)]  # stack continues over the life loss
+    states, _, returns, discounts, next_states = rb.gather(torch.tensor([1, 3, 5]), torch.zeros(3, dtype=torch.long))
+    assert returns.tolist() == pytest.approx([1 + 0.9, 1 + 0.9 + 0.81, 1 + 0.9 + 0.81])
+    assert discounts.tolist() == pytest.approx([0.0, 0.9**3, 0.9**3])
+    assert states[1, :, 0, 0].tolist() == [0, 0, 0, label(3)[0, 0]]  # the new life's first frame
+    assert states[2, :, 0, 0].tolist() == [0, label(3)[0, 0], label(4)[0, 0], label(5)[0, 0]]
 
 
 def test_sampling_respects_cursor_and_episode_ends_after_wraparound(dqn):
