@@ -9,8 +9,10 @@ ICML 2024: the DQN curves of Figures 1, 4, 7, 9, 13 and 18, on the Dopamine prot
 """
 
 import collections
+import concurrent.futures
 import difflib
 import glob
+import gzip
 import json
 import math
 import os
@@ -19,6 +21,7 @@ import re
 import signal
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -121,6 +124,8 @@ class Args:
     """agent steps between progress lines when stdout is not a terminal"""
     save_model: bool = False
     """save the final network to `{run_dir}/model.pt`"""
+    save_replay: str = ""
+    """write the final replay to `{dir}/{Game}/{run}/replay_logs/` in the DQN Replay Dataset layout, for cql_softmoe.py"""
     eval_episodes: int = 0
     """episodes to evaluate the final network with epsilon 0.001, all in one vector env (0 = skip)"""
     eval_epsilon: float = 0.001
@@ -658,6 +663,291 @@ class ReplayBuffer:
 # === end shared ===
 
 
+# === shared: dopamine_dataset ===
+DATASET_ARRAYS = {"observation": np.uint8, "action": np.int32, "reward": np.float32, "terminal": np.uint8}
+DATASET_CAPACITY = 1_000_000  # transitions per checkpoint file: the replay capacity of the DQN that logged the data
+DATASET_PADDING = 3  # Dopamine starts every episode with stack_size - 1 zero transitions (OutOfGraphReplayBuffer.add)
+DATASET_FILE = re.compile(r"^(?:\$store\$_)?(observation|action|reward|terminal|add_count|invalid_range)_ckpt\.(\d+)\.gz$")
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used as it is; the message is one line naming the file or directory."""
+
+
+def dataset_file(run_dir: str, name: str, checkpoint: int, folder: str = "replay_logs") -> str:
+    """`{run_dir}/replay_logs/$store$_{name}_ckpt.{N}.gz` for the stored arrays, `{name}_ckpt.{N}.gz` for the others."""
+    prefix = "$store$_" if name in DATASET_ARRAYS else ""
+    return os.path.join(run_dir, folder, f"{prefix}{name}_ckpt.{checkpoint}.gz")
+
+
+def write_npy_gz(path: str, array: np.ndarray = None, shape=None, blocks=()) -> None:
+    """A gzip of `np.save(..., allow_pickle=False)`, as Dopamine saves each replay array; fsynced. For frames, give the
+    array's `shape` and an iterable of uint8 `blocks` instead: the same bytes, never all in memory at once."""
+    with open(path, "wb") as f:
+        with gzip.GzipFile(fileobj=f, mode="wb", compresslevel=6) as out:  # zlib's default level; Dopamine's is 9
+            if array is not None:
+                np.save(out, array, allow_pickle=False)
+            else:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
+                np.lib.format.write_array_header_1_0(out, header)  # what np.save writes before the data
+                for block in blocks:
+                    out.write(block.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_replay_dataset(rb, root: str, game: str) -> list:
+    """Write the replay's content in the DQN Replay Dataset layout (SPEC §4): `{root}/{game}/{run}/replay_logs/`, one
+    run per env, numbered from the first free number. As Dopamine's logged buffer: 3 zero transitions before each
+    episode, terminal 1 on an episode's last transition (a truncation too, as the agent that logged the public data
+    did), no final observations, the replay's rewards, checkpoint files of at most 1M transitions. A run is written
+    to `replay_logs.tmp` and renamed when complete: a crash never leaves a partial dataset under the final name."""
+    filled = min(rb.t, rb.size)
+    order = (torch.arange(rb.t - filled, rb.t) % rb.size).numpy()  # the stored slots, oldest first
+    game_dir = os.path.join(root, game)
+    os.makedirs(game_dir, exist_ok=True)
+    written = []
+    if filled == 0:
+        return written
+    for env in range(rb.num_envs):
+        terminal, last = (getattr(rb, k)[:, env].cpu().numpy()[order] for k in ("terminals", "last"))
+        ends = terminal.copy()
+        ends[:-1] |= last[1:]  # the transition before a final observation ends its episode (a truncation too)
+        begins = np.zeros_like(last)
+        begins[1:] = last[:-1] | terminal[:-1]  # Dopamine pads after every terminal (and at an atari100k life loss)
+        begins[0] = rb.t <= rb.size  # the first slot ever written starts the first episode
+        kept = np.flatnonzero(~last)  # final observations are not stored: Dopamine keeps no next observation
+        pads = DATASET_PADDING * begins[kept]
+        rows = np.arange(len(kept)) + np.cumsum(pads)  # output row of each kept slot, after its episode's padding
+        total = len(kept) + int(pads.sum())
+        source = np.full(total, -1, dtype=np.int64)  # replay slot of each output row; -1: a zero transition
+        source[rows] = order[kept]
+        arrays = {name: np.zeros(total, dtype) for name, dtype in DATASET_ARRAYS.items() if name != "observation"}
+        arrays["action"][rows] = rb.actions[:, env].cpu().numpy()[order[kept]]
+        arrays["reward"][rows] = rb.rewards[:, env].cpu().numpy()[order[kept]]
+        arrays["terminal"][rows] = ends[kept]
+        run = 1
+        while True:  # claim the first free run number (makedirs is atomic: parallel writers never share one)
+            try:
+                os.makedirs(os.path.join(game_dir, str(run)))
+                break
+            except FileExistsError:
+                run += 1
+        run_dir = os.path.join(game_dir, str(run))
+        os.makedirs(os.path.join(run_dir, "replay_logs.tmp"))
+        for checkpoint, start in enumerate(range(0, total, DATASET_CAPACITY)):
+            stop = min(start + DATASET_CAPACITY, total)
+
+            def frames(a, b, env=env):  # rows [a, b) of the output, zero frames for the padding
+                block = np.zeros((b - a, *rb.frames.shape[2:]), np.uint8)
+                real = source[a:b] >= 0
+                block[real] = rb.frames[torch.as_tensor(source[a:b][real], device=rb.device), env].cpu().numpy()
+                return block
+
+            path = lambda name: dataset_file(run_dir, name, checkpoint, "replay_logs.tmp")
+            blocks = (frames(a, min(a + 4096, stop)) for a in range(start, stop, 4096))
+            write_npy_gz(path("observation"), shape=(stop - start, *rb.frames.shape[2:]), blocks=blocks)
+            for name, array in arrays.items():
+                write_npy_gz(path(name), array[start:stop])
+            write_npy_gz(path("add_count"), np.array(stop - start, dtype=np.int64))
+            cursor = (stop - start) % DATASET_CAPACITY  # Dopamine's invalid_range(cursor, 1M, stack 4, update horizon 1)
+            write_npy_gz(path("invalid_range"), np.array([(cursor - 1 + i) % DATASET_CAPACITY for i in range(5)]))
+        os.replace(os.path.join(run_dir, "replay_logs.tmp"), os.path.join(run_dir, "replay_logs"))
+        written.append(run_dir)
+    return written
+
+
+def find_dataset_runs(root: str, game: str) -> tuple[str, dict]:
+    """`{root}/{game}` (matched ignoring case and punctuation) and its runs {number: run directory}: the numbered
+    directories that hold a `replay_logs` folder."""
+    if not os.path.isdir(root):
+        raise DatasetError(f"dataset directory {root} does not exist; download the DQN Replay Dataset (README) or pass "
+                           "--dataset-dir")
+    key = lambda name: re.sub(r"[^a-z0-9]", "", name.lower())
+    games = {key(d): d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))}
+    if key(game) not in games:
+        raise DatasetError(f"{os.path.join(root, game)} does not exist; games in {root}: {', '.join(sorted(games.values())) or 'none'}")
+    game_dir = os.path.join(root, games[key(game)])
+    runs = {int(d): os.path.join(game_dir, d) for d in os.listdir(game_dir)
+            if d.isdigit() and os.path.isdir(os.path.join(game_dir, d, "replay_logs"))}
+    if not runs:
+        raise DatasetError(f"{game_dir} holds no run directory with a replay_logs folder ({game_dir}/1/replay_logs/...)")
+    return game_dir, runs
+
+
+def dataset_read_error(path: str, error: Exception) -> DatasetError:
+    """One line for what went wrong reading `path`."""
+    if isinstance(error, DatasetError):
+        return error
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:150]
+    if isinstance(error, EOFError):
+        return DatasetError(f"{path}: truncated gzip ({reason}); download it again")
+    if isinstance(error, (OSError, zlib.error)):
+        return DatasetError(f"{path}: not a readable gzip file ({reason})")
+    if "allow_pickle" in reason:
+        return DatasetError(f"{path}: holds pickled Python objects; refused (the dataset is read with allow_pickle=False)")
+    return DatasetError(f"{path}: not a .npy array as np.save writes it ({reason})")
+
+
+def read_npy_gz(path: str) -> np.ndarray:
+    """np.load(allow_pickle=False) of a gzip file (all of it, so the gzip checksum is checked too)."""
+    try:
+        with gzip.open(path, "rb") as f:
+            return np.load(f, allow_pickle=False)
+    except Exception as error:
+        raise dataset_read_error(path, error) from None
+
+
+def read_npy_header(path: str, f=None) -> tuple:
+    """(shape, dtype, header bytes) of the gzipped .npy file `path`, read from `f` if open; like
+    np.load(allow_pickle=False), it refuses object arrays."""
+    if f is None:
+        try:
+            with gzip.open(path, "rb") as f:
+                return read_npy_header(path, f)
+        except OSError as error:
+            raise dataset_read_error(path, error) from None
+    try:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise DatasetError(f"{path}: .npy format version {version} is not supported (np.save writes 1.0)")
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read(f)
+    except Exception as error:
+        raise dataset_read_error(path, error) from None
+    if dtype.hasobject:
+        raise DatasetError(f"{path}: holds pickled Python objects; refused (the dataset is read with allow_pickle=False)")
+    if fortran_order and len(shape) > 1:
+        raise DatasetError(f"{path}: a Fortran-ordered array; np.save of the replay writes C order")
+    return shape, dtype, f.tell()
+
+
+def scan_dataset(run_dirs: dict, checkpoints, fraction: float, num_actions: int) -> list:
+    """Find and check every file of the chosen runs {number: directory} and checkpoints (all present if empty), all but
+    the frames themselves, which `load_dataset` reads. From each checkpoint the first `fraction` of its stored
+    transitions is used, as the reference loaders take a fraction (batch_rl and Dopamine's JaxFixedReplayBuffer keep
+    `store[:capacity]` of each checkpoint; the CQL code the first 10,000 of each for 1%). Returns one record per
+    checkpoint: its file, the rows to load as chronologically contiguous pieces [a, b) and their actions, rewards,
+    terminals."""
+    records = []
+    for run, run_dir in sorted(run_dirs.items()):
+        found = {int(m.group(2)) for m in map(DATASET_FILE.match, os.listdir(os.path.join(run_dir, "replay_logs"))) if m}
+        for checkpoint in sorted(checkpoints or found):
+            paths = {name: dataset_file(run_dir, name, checkpoint) for name in [*DATASET_ARRAYS, "add_count"]}
+            for path in paths.values():
+                if not os.path.isfile(path):
+                    raise DatasetError(f"{path}: missing; every checkpoint needs its observation, action, reward, "
+                                       "terminal and add_count files")
+            add_count = read_npy_gz(paths["add_count"])
+            if add_count.size != 1 or add_count.dtype.kind not in "iu" or int(add_count.reshape(())) < 0:
+                raise DatasetError(f"{paths['add_count']}: expected a non-negative integer (0-d array), got "
+                                   f"{add_count.dtype} of shape {add_count.shape}")
+            add_count = int(add_count.reshape(()))
+            shape, dtype, header = read_npy_header(paths["observation"])
+            capacity = shape[0] if shape else 0
+            if dtype != np.uint8 or len(shape) != 3 or shape[1:] != (84, 84):
+                raise DatasetError(f"{paths['observation']}: expected uint8 frames of shape (N, 84, 84), got {dtype} {shape}")
+            with open(paths["observation"], "rb") as f:  # the gzip trailer holds the data size mod 2^32: a cut file fails
+                f.seek(max(os.path.getsize(paths["observation"]) - 4, 0))
+                size = int.from_bytes(f.read(4), "little")
+            if size != (header + capacity * 84 * 84) % 2**32:
+                raise DatasetError(f"{paths['observation']}: truncated gzip (the trailer gives {size} bytes of data, the "
+                                   f"array needs {header + capacity * 84 * 84}); download it again")
+            columns = {}
+            for name in ("action", "reward", "terminal"):
+                columns[name] = read_npy_gz(paths[name])
+                if columns[name].dtype != DATASET_ARRAYS[name] or columns[name].shape != (capacity,):
+                    raise DatasetError(f"{paths[name]}: expected {np.dtype(DATASET_ARRAYS[name])} of shape ({capacity},) "
+                                       f"like the observations, got {columns[name].dtype} {columns[name].shape}")
+            stored = min(add_count, capacity)  # a buffer that never filled up holds add_count transitions
+            rows = int(fraction * stored + 0.5)
+            cursor = add_count % capacity if add_count >= capacity > 0 else 0
+            # rows [0, rows): oldest first they are [cursor, rows) then [0, min(cursor, rows)), two pieces if the
+            # buffer had wrapped around inside them (the public checkpoints wrap at their last row: one piece)
+            chunks = [(a, b) for a, b in ((cursor, rows), (0, min(cursor, rows))) if a < b]
+            picked = {name: np.concatenate([column[a:b] for a, b in chunks] or [column[:0]]) for name, column in columns.items()}
+            bad = {"action": (picked["action"] < 0) | (picked["action"] >= num_actions),
+                   "reward": ~np.isfinite(picked["reward"]), "terminal": picked["terminal"] > 1}
+            for name, mask in bad.items():
+                if mask.any():
+                    row = np.flatnonzero(mask)[0]
+                    raise DatasetError(f"{paths[name]}: bad {name} {picked[name][row]} at row {row} of the loaded part"
+                                       + (f" (the game has {num_actions} actions)" if name == "action" else ""))
+            start = 0
+            for a, b in chunks:  # Dopamine's padding: the 3 transitions after a terminal are zeros
+                terminal = picked["terminal"][start:start + b - a].astype(bool)
+                pad = np.zeros(b - a, dtype=bool)
+                for lag in range(1, DATASET_PADDING + 1):
+                    pad[lag:] |= terminal[:-lag]
+                nonzero = (picked["action"][start:start + b - a] != 0) | (picked["reward"][start:start + b - a] != 0) | terminal
+                if (pad & nonzero).any():
+                    raise DatasetError(f"{paths['terminal']}: the transitions after the terminal at row "
+                                       f"{a + np.flatnonzero(pad & nonzero)[0]} are not Dopamine's zero padding; this "
+                                       "reads the DQN Replay Dataset layout (3 zero transitions before each episode)")
+                start += b - a
+            records.append({"run": run, "checkpoint": checkpoint, "observation": paths["observation"],
+                            "capacity": capacity, "add_count": add_count, "rows": rows, "chunks": chunks,
+                            "action": picked["action"].astype(np.uint8), "reward": picked["reward"],
+                            "terminal": picked["terminal"].astype(bool)})
+    return records
+
+
+def load_dataset(rb, records: list, workers: int = 8) -> torch.Tensor:
+    """Fill `rb` (one env) with the records' transitions, piece after piece, and return the logical slots a sample may
+    start at. As in Dopamine's sampler, a piece's first 3 slots only complete stacks and its last n only end n-step
+    windows, and the 3 zero transitions after a terminal become `last` slots: no start, stack or window ever
+    crosses from one checkpoint (or one piece of it) into another. Frames are read in parallel, only the loaded rows."""
+    offset, starts, jobs = 0, [], []
+    for record in records:
+        placed, start = [], 0
+        for a, b in record["chunks"]:
+            cut = slice(start, start + b - a)
+            terminal = record["terminal"][cut]
+            pad = np.zeros(b - a, dtype=bool)
+            for lag in range(1, DATASET_PADDING + 1):
+                pad[lag:] |= terminal[:-lag]
+            slots = slice(offset, offset + b - a)
+            rb.actions[slots, 0] = torch.as_tensor(record["action"][cut], device=rb.device)
+            rb.rewards[slots, 0] = torch.as_tensor(record["reward"][cut], device=rb.device)
+            rb.terminals[slots, 0] = torch.as_tensor(terminal, device=rb.device)
+            rb.last[slots, 0] = torch.as_tensor(pad, device=rb.device)
+            valid = ~pad
+            valid[: rb.stack - 1] = False  # their stacks would reach before the piece (Dopamine: index >= stack - 1)
+            valid[max(b - a - rb.n_step, 0):] = False  # their windows would pass its end (Dopamine: cursor - n)
+            starts.append(offset + np.flatnonzero(valid))
+            placed.append((a, b, offset))
+            offset, start = offset + b - a, start + b - a
+        jobs.append((record["observation"], placed))
+
+    def read_frames(path, placed):
+        rows = max((b for _, b, _ in placed), default=0)
+        try:
+            with gzip.open(path, "rb") as f:
+                read_npy_header(path, f)
+                for first in range(0, rows, 4096):  # only rows [0, rows): the fraction is each file's first rows
+                    block = bytearray((min(first + 4096, rows) - first) * 84 * 84)
+                    view, got = memoryview(block), 0
+                    while got < len(block):
+                        n = f.readinto(view[got:])
+                        if not n:
+                            raise EOFError("the file ends before its last frame")
+                        got += n
+                    frames = torch.from_numpy(np.frombuffer(block, np.uint8).reshape(-1, 84, 84))
+                    for a, b, at in placed:
+                        lo, hi = max(a, first), min(b, first + len(frames))
+                        if lo < hi:
+                            rb.frames[at + lo - a: at + hi - a, 0] = frames[lo - first: hi - first].to(rb.device)
+        except Exception as error:
+            raise dataset_read_error(path, error) from None
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(workers, len(jobs)))) as pool:
+        for future in [pool.submit(read_frames, *job) for job in jobs]:
+            future.result()
+    rb.t = offset
+    return torch.as_tensor(np.concatenate(starts or [np.zeros(0, np.int64)]), dtype=torch.long, device=rb.device)
+# === end shared ===
+
+
 # === shared: metrics ===
 def srank(matrix: torch.Tensor, delta: float = 0.01) -> int:
     """Effective rank (Kumar et al. 2021): smallest k whose top-k singular values hold 1 - delta of their sum."""
@@ -768,7 +1058,8 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; the launcher requeues the job, 
 EXIT_NONFINITE = 3
 CHECKPOINT_FORMAT = 1
 RESUMABLE_CHANGES = {"resume", "total_timesteps", "checkpoint_every", "checkpoint_keep", "checkpoint_replay", "cuda",
-                     "compile", "log_every", "print_every", "metrics_every", "save_model", "eval_episodes", "eval_every"}
+                     "compile", "log_every", "print_every", "metrics_every", "save_model", "save_replay", "eval_episodes",
+                     "eval_every"}
 
 
 def episode_seed(seed: int, env: int, episode: int) -> int:
@@ -1014,6 +1305,14 @@ def prepare(args: Args):
         os.remove(os.path.join(run_dir, ".write_test"))
     except OSError as error:
         raise ValueError(f"cannot write the run directory {run_dir} ({error.strerror}); pass a writable --runs-dir")
+    if args.save_replay:  # found out now, not after hours of training
+        try:
+            os.makedirs(args.save_replay, exist_ok=True)
+            with open(os.path.join(args.save_replay, ".write_test"), "w"):
+                pass
+            os.remove(os.path.join(args.save_replay, ".write_test"))
+        except OSError as error:
+            raise ValueError(f"cannot write --save-replay {args.save_replay} ({error.strerror}); choose a writable directory")
     return rom, run_dir, checkpoint
 
 
@@ -1184,6 +1483,8 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
     envs.close()
     stop_if_nonfinite(check_parameters=True)
     print(f"done: {global_step} agent steps in {time.time() - start_time:.0f}s", flush=True)
+    if args.save_replay:
+        print(f"replay written to {', '.join(save_replay_dataset(rb, args.save_replay, game_name(rom)))}", flush=True)
     if args.save_model:
         path = os.path.join(run_dir, "model.pt")
         torch.save({"model": q_network.state_dict(), "args": vars(args), "num_actions": num_actions}, path)

@@ -85,7 +85,8 @@ SCRIPTS = {
     # TensorBoard step is the gradient step (x axis "gradient steps").
     "cql_softmoe": Script("cql_softmoe", "CQL", "offline", "eval/episodic_return", "--num-iterations",
                           ("--env-id", "--seed", "--exp-name", "--runs-dir", "--dataset-dir", "--agent",
-                           "--data-fraction", "--num-iterations", "--gradient-steps-per-iteration", *MOE_FLAGS),
+                           "--data-fraction", "--num-iterations", "--gradient-steps-per-iteration",
+                           "--checkpoints-per-iteration", *MOE_FLAGS),
                           frames_per_step=1),
 }
 RESUME_FLAG = ("--resume", "auto")  # passed only when the script's Args has a `resume` field (detected)
@@ -402,6 +403,8 @@ def fig11() -> Experiment:
     cases = [("cql", "CQL", "5"), ("cql-c51", "CQL+C51", "5"), ("cql-c51", "CQL+C51", "10"), ("cql-c51", "CQL+C51", "50")]
     for agent, label, pct in cases:
         extra = ("--agent", agent, "--data-fraction", str(int(pct) / 100), "--gradient-steps-per-iteration", "62500")
+        if pct == "50":  # 25M transitions (177 GB) fit no GPU: reload 5 random checkpoints per iteration, as batch_rl
+            extra += ("--checkpoints-per-iteration", "5")
         vs_ = three_way(agent, "cql_softmoe", extra, 200, OFFLINE17, f"-{pct}pct")
         variants += vs_
         figure = "11" if pct == "5" else "17"

@@ -68,9 +68,10 @@ def expected_configs():
     e["fig10"] = {cfg(rainbow, m12, *moe(k, n), "--metrics-every", "250000")
                   for k, n in (("baseline", 1), ("softmoe", 8), ("top1", 8))}
     e["fig11"] = {cfg("cql_softmoe", 200, *moe(k, n), "--agent", agent, "--data-fraction", frac,
-                      "--gradient-steps-per-iteration", "62500", budget_flag="--num-iterations")
+                      "--gradient-steps-per-iteration", "62500", *reload, budget_flag="--num-iterations")
                   for k, n in (("baseline", 1), ("softmoe", 8), ("top1", 8))
-                  for agent, frac in (("cql", "0.05"), ("cql-c51", "0.05"), ("cql-c51", "0.1"), ("cql-c51", "0.5"))}
+                  for agent, frac, reload in (("cql", "0.05", ()), ("cql-c51", "0.05", ()), ("cql-c51", "0.1", ()),
+                                              ("cql-c51", "0.5", ("--checkpoints-per-iteration", "5")))}
     e["fig12"] = {cfg(s, budget, *moe(k, n), *extra) for s in ("drq_softmoe", "der_softmoe")
                   for budget, extra in ((100_000, ()), (m12, ("--eval-every", "250000")))
                   for k, n in (("baseline", 1), ("softmoe", 4), ("softmoe", 8), ("top1", 4), ("top1", 8))}

@@ -20,17 +20,29 @@ def only(pattern):
     return path
 
 
-# every online script, on a game where an untrained greedy (or noisy) agent still ends episodes quickly
-ONLINE = [("dqn_softmoe", "Breakout"), ("rainbow_softmoe", "SpaceInvaders")]
+# every online script, on a game where an untrained greedy (or noisy) agent still ends episodes quickly, with its own
+# flags: the Atari 100k agents learn at every step and evaluate 100 games at the end by default; fewer and smaller
+# updates keep these runs as short as the others
+ATARI100K = ("--replay-ratio", "0.25", "--batch-size", "8", "--eval-episodes", "0")
+ONLINE = [("dqn_softmoe", "Breakout", ()), ("rainbow_softmoe", "SpaceInvaders", ()),
+          ("der_softmoe", "SpaceInvaders", ATARI100K), ("drq_softmoe", "Breakout", ATARI100K)]
 
 
-@pytest.mark.parametrize("script,game", ONLINE)
-def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, script, game):
+def base(script):
+    """BASE for `script`: DrQ(ε) has no target network (its targets come from the online network itself)."""
+    if script == "drq_softmoe":
+        i = BASE.index("--target-network-frequency")
+        return BASE[:i] + BASE[i + 2:]
+    return BASE
+
+
+@pytest.mark.parametrize("script,game,extra", ONLINE)
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, script, game, extra):
     """Top1 with load balancing draws torch noise, as do noisy nets; epsilon-greedy draws numpy numbers, sticky
     actions the emulator's, prioritized replay its sum tree: parameters and every logged return and loss must still
     match exactly (CPU, deterministic)."""
-    flags = [*BASE, "--env-id", game, "--moe-type", "top1", "--load-balancing-coef", "1", "--runs-dir", str(tmp_path),
-             "--save-model"]
+    flags = [*base(script), *extra, "--env-id", game, "--moe-type", "top1", "--load-balancing-coef", "1",
+             "--runs-dir", str(tmp_path), "--save-model"]
     full = run_script(script, *flags, "--exp-name", "full", "--total-timesteps", "800")
     assert full.returncode == 0, full.stderr[-2000:]
     first = run_script(script, *flags, "--exp-name", "split", "--total-timesteps", "450", "--checkpoint-every", "450")
@@ -49,10 +61,10 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, scrip
     assert len(sa["charts/episodic_return"]) >= 1 and len(sa["losses/td_loss"]) >= 4
 
 
-@pytest.mark.parametrize("script,game", ONLINE)
-def test_preemption_signal_checkpoints_and_resume_auto_finishes(tmp_path, script, game):
-    flags = [*BASE, "--env-id", game, "--runs-dir", str(tmp_path), "--total-timesteps", "1200", "--print-every", "100",
-             "--exp-name", "pre"]
+@pytest.mark.parametrize("script,game,extra", ONLINE)
+def test_preemption_signal_checkpoints_and_resume_auto_finishes(tmp_path, script, game, extra):
+    flags = [*base(script), *extra, "--env-id", game, "--runs-dir", str(tmp_path), "--total-timesteps", "1200",
+             "--print-every", "100", "--exp-name", "pre"]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, f"{script}.py"), "--no-cuda", *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -75,10 +87,11 @@ def test_preemption_signal_checkpoints_and_resume_auto_finishes(tmp_path, script
     assert steps == sorted(set(steps)) and steps[-1] == 1200  # logging continued at the same steps, once each
 
 
-@pytest.mark.parametrize("script,game", ONLINE)
-def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, script, game):
-    result = run_script(script, *BASE, "--env-id", game, "--runs-dir", str(tmp_path), "--total-timesteps", "1500",
-                        "--checkpoint-every", "200", "--checkpoint-keep", "5", "--learning-rate", "1e30")
+@pytest.mark.parametrize("script,game,extra", ONLINE)
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, script, game, extra):
+    result = run_script(script, *base(script), *extra, "--env-id", game, "--runs-dir", str(tmp_path),
+                        "--total-timesteps", "1500", "--checkpoint-every", "200", "--checkpoint-keep", "5",
+                        "--learning-rate", "1e30")
     assert result.returncode == 3, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "non-finite TD loss" in lines[0] and "last good checkpoint" in lines[0]
@@ -179,7 +192,7 @@ def test_checkpoint_without_replay_refills_before_learning(tmp_path):
     assert not any(400 < s <= 700 for s in loss_steps)  # the empty replay holds 300 new steps only at step 700
 
 
-@pytest.mark.parametrize("script", [s for s, _ in ONLINE])
+@pytest.mark.parametrize("script", [s for s, _, _ in ONLINE])
 def test_unwritable_run_directory(tmp_path, script):
     blocker = tmp_path / "a_file"
     blocker.write_text("")

@@ -1,0 +1,226 @@
+"""Speed and memory of every script's training loop: acting only, updating only, and both.
+
+    python benchmark/speed.py                                   # every script x MoE type, on CUDA if present
+    python benchmark/speed.py --scripts dqn_softmoe rainbow_softmoe --moe-types softmoe baseline --num-envs 8
+    python benchmark/speed.py --device cpu --encoder nature --out benchmark/results/speed/cpu.md
+
+For each (script, MoE type) it measures, on the same game and device:
+- env only: ale-py's vector env stepped with random actions (the emulator's ceiling for this --num-envs);
+- acting: env step + the agent's action selection on the device (`agent.act`), as in the training loop;
+- updating: gradient updates per second of the script's own `agent.update()` on a replay of random frames,
+  and the agent steps per second this allows at the script's replay ratio;
+- both: a real run of the script (a subprocess), agent steps per second once learning has started, read from
+  its `charts/SPS`, with the run's peak host memory (and peak GPU memory from its summary.json).
+Scripts provide `build_agent(args, num_actions, device)`, the same function their `main` uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from benchmark.registry import SCRIPTS, load_script_module  # noqa: E402
+
+PROTOCOL = {"online": "dopamine", "atari100k": "atari100k", "offline": "dopamine"}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rate(count: int, seconds: float) -> float:
+    return count / max(seconds, 1e-9)
+
+
+def env_only(module, rom: str, protocol: str, num_envs: int, steps: int, seed: int = 0) -> float:
+    """Agent steps per second of the emulator alone, random actions."""
+    envs = module.make_env(rom, num_envs, protocol)
+    envs.reset(seed=seed)
+    rng = np.random.default_rng(seed)
+    n = envs.single_action_space.n
+    start = time.perf_counter()
+    for _ in range(steps // num_envs):
+        envs.step(rng.integers(n, size=num_envs))
+    elapsed = time.perf_counter() - start
+    envs.close()
+    return rate(steps // num_envs * num_envs, elapsed)
+
+
+def acting(module, agent, rom: str, protocol: str, num_envs: int, steps: int, device, seed: int = 0) -> float:
+    """Agent steps per second of env step + action selection on the device (one host sync per step, as in training)."""
+    envs = module.make_env(rom, num_envs, protocol)
+    obs, _ = envs.reset(seed=seed)
+    for _ in range(5):  # warm-up (lazy init, cuDNN autotuning)
+        obs, *_ = envs.step(agent.act(torch.as_tensor(obs, device=device)).cpu().numpy())
+    start = time.perf_counter()
+    for _ in range(steps // num_envs):
+        obs, *_ = envs.step(agent.act(torch.as_tensor(obs, device=device)).cpu().numpy())
+    elapsed = time.perf_counter() - start
+    envs.close()
+    return rate(steps // num_envs * num_envs, elapsed)
+
+
+def fill_replay(rb, slots: int, num_actions: int, seed: int = 0) -> None:
+    """Random frames and episodes of 50 steps: the update's cost does not depend on what the frames show."""
+    rng = np.random.default_rng(seed)
+    for t in range(slots):
+        end = t % 51 == 50
+        rb.add(rng.integers(0, 256, (rb.num_envs, 84, 84), dtype=np.uint8), rng.integers(num_actions, size=rb.num_envs),
+               rng.random(rb.num_envs), np.full(rb.num_envs, t % 51 == 49), np.full(rb.num_envs, end))
+
+
+def updating(agent, updates: int, device) -> float:
+    """Gradient updates per second of `agent.update()` (sampling included), timed after a warm-up."""
+    for _ in range(3):  # warm-up: compilation, autotuning, allocator
+        agent.update()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(updates):
+        agent.update()
+    sync(device)
+    return rate(updates, time.perf_counter() - start)
+
+
+def full_loop(script: str, flags: list[str], learning_starts: int, total: int, device: str) -> dict:
+    """A real run of the script: agent steps/s after learning starts (median of its charts/SPS), peak memory."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with tempfile.TemporaryDirectory() as runs:
+        command = [sys.executable, os.path.join(ROOT, f"{script}.py"), *flags, "--runs-dir", runs,
+                   "--learning-starts", str(learning_starts), "--total-timesteps", str(total), "--metrics-every", "0",
+                   "--log-every", str(max(1, (total - learning_starts) // 10)), "--print-every", str(total)]
+        if device == "cpu":
+            command.append("--no-cuda")
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"{script} failed: {err.strip().splitlines()[-1] if err.strip() else out[-300:]}")
+        (run_dir,) = glob.glob(os.path.join(runs, "*"))
+        acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+        acc.Reload()
+        sps = [e.value for e in acc.Scalars("charts/SPS") if e.step > learning_starts + (total - learning_starts) // 10]
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            summary = json.load(f)
+    return {"sps": statistics.median(sps) if sps else float("nan"), "peak_host_bytes": summary.get("peak_host_memory_bytes"),
+            "peak_gpu_bytes": summary.get("peak_gpu_memory_bytes")}
+
+
+def measure(script: str, moe_type: str, opts) -> dict:
+    module = load_script_module(script)
+    spec = SCRIPTS[script]
+    protocol = PROTOCOL[spec.kind]
+    device = torch.device(opts.device)
+    rom = module.resolve_rom(opts.env_id)
+    overrides = dict(env_id=opts.env_id, moe_type=moe_type, num_experts=opts.num_experts if moe_type != "baseline" else 1,
+                     encoder=opts.encoder, num_envs=opts.num_envs, buffer_size=opts.buffer_size, compile=opts.compile,
+                     cuda=device.type == "cuda")
+    fields = set(module.Args.__dataclass_fields__)
+    args = module.Args(**{k: v for k, v in overrides.items() if k in fields})
+    if hasattr(module, "resolve_agent_defaults"):  # cql_softmoe.py: defaults that depend on --agent
+        args = module.resolve_agent_defaults(args)
+    envs = module.make_env(rom, 1, protocol)
+    num_actions = int(envs.single_action_space.n)
+    envs.close()
+    torch.manual_seed(0)
+    agent = module.build_agent(args, num_actions, device)
+    fill_replay(agent.rb, opts.fill // agent.rb.num_envs, num_actions)
+    result = {"script": script, "moe_type": moe_type, "num_experts": overrides["num_experts"],
+              "parameters": sum(p.numel() for p in agent.q_network.parameters()),
+              "updates_per_s": updating(agent, opts.updates, device)}
+    replay_ratio = getattr(args, "replay_ratio", None)
+    if spec.kind != "offline":
+        result["env_only_sps"] = env_only(module, rom, protocol, opts.num_envs, opts.steps)
+        result["acting_sps"] = acting(module, agent, rom, protocol, opts.num_envs, opts.steps, device)
+        result["learning_bound_sps"] = result["updates_per_s"] / replay_ratio
+        if opts.full_loop:
+            flags = ["--env-id", opts.env_id, "--moe-type", moe_type, "--num-experts", str(overrides["num_experts"]),
+                     "--encoder", opts.encoder, "--num-envs", str(opts.num_envs), "--buffer-size", str(opts.buffer_size)]
+            if opts.compile:
+                flags.append("--compile")
+            loop = full_loop(script, flags, opts.loop_warmup, opts.loop_warmup + opts.loop_steps, opts.device)
+            result.update({"both_sps": loop["sps"], "peak_host_bytes": loop["peak_host_bytes"],
+                           "peak_gpu_bytes": loop["peak_gpu_bytes"]})
+    result["replay_bytes_1m"] = (module.PrioritizedReplayBuffer if getattr(args, "prioritized", False)
+                                 else module.ReplayBuffer).nbytes(1_000_000)
+    return result
+
+
+def markdown(results: list[dict], opts, machine: str) -> str:
+    lines = [f"Machine: {machine}. Device: {opts.device}. Game {opts.env_id}, encoder {opts.encoder}, "
+             f"{opts.num_envs} env(s), batch 32, compile {'on' if opts.compile else 'off'}.",
+             f"Command: `python benchmark/speed.py {' '.join(sys.argv[1:])}`", "",
+             "| script | MoE | params | env only (steps/s) | acting (steps/s) | updates/s | learning-bound (steps/s) "
+             "| both (steps/s) | peak host GB | peak GPU GB | replay at 1M (GB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, spec="{:,.0f}": "–" if v is None or (isinstance(v, float) and v != v) else spec.format(v)
+    gb = lambda v: fmt(None if v is None else v / 1e9, "{:.2f}")
+    for r in results:
+        moe = r["moe_type"] + (f" ×{r['num_experts']}" if r["moe_type"] != "baseline" else "")
+        lines.append(f"| {r['script']} | {moe} | {r['parameters']:,} | {fmt(r.get('env_only_sps'))} | "
+                     f"{fmt(r.get('acting_sps'))} | {fmt(r['updates_per_s'], '{:,.1f}')} | {fmt(r.get('learning_bound_sps'))} | "
+                     f"{fmt(r.get('both_sps'))} | {gb(r.get('peak_host_bytes'))} | {gb(r.get('peak_gpu_bytes'))} | "
+                     f"{gb(r['replay_bytes_1m'])} |")
+    lines += ["", "learning-bound = updates/s divided by the replay ratio (the steps/s if acting were free); "
+              "both = a real run of the script after its warm-up."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    existing = [name for name, spec in SCRIPTS.items() if spec.exists()]
+    parser.add_argument("--scripts", nargs="+", default=existing, help="scripts to measure (default: all present)")
+    parser.add_argument("--moe-types", nargs="+", default=["baseline", "softmoe", "top1"], help="penultimate layers")
+    parser.add_argument("--num-experts", type=int, default=8, help="experts of softmoe/top1 (baseline: 1, the plain network)")
+    parser.add_argument("--encoder", default="impala", choices=["impala", "nature"], help="encoder of every network")
+    parser.add_argument("--env-id", default="Breakout", help="game")
+    parser.add_argument("--num-envs", type=int, default=1, help="environments stepped together")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--compile", action="store_true", help="measure with the scripts' --compile")
+    parser.add_argument("--steps", type=int, default=2000, help="agent steps timed for env-only and acting")
+    parser.add_argument("--updates", type=int, default=50, help="gradient updates timed")
+    parser.add_argument("--fill", type=int, default=5000, help="replay transitions of random frames for the update timing")
+    parser.add_argument("--buffer-size", type=int, default=100_000, help="replay capacity of the measured agents")
+    parser.add_argument("--no-full-loop", dest="full_loop", action="store_false", help="skip the real runs")
+    parser.add_argument("--loop-warmup", type=int, default=1000, help="agent steps before learning in the real runs")
+    parser.add_argument("--loop-steps", type=int, default=2000, help="agent steps timed in the real runs")
+    parser.add_argument("--out", default=None, help="write the Markdown table here (and the numbers as .json beside it)")
+    opts = parser.parse_args()
+    unknown = [s for s in opts.scripts if s not in SCRIPTS or not SCRIPTS[s].exists()]
+    if unknown:
+        sys.exit(f"speed.py: error: unknown or missing scripts {unknown}; present: {existing}")
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("speed.py: error: --device cuda but torch sees no GPU; use --device cpu")
+    machine = torch.cuda.get_device_name(0) if opts.device == "cuda" else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    results = []
+    for script in opts.scripts:
+        for moe in opts.moe_types:
+            results.append(measure(script, moe, opts))
+            print(json.dumps(results[-1]), flush=True)
+    table = markdown(results, opts, machine)
+    print(table)
+    if opts.out:
+        os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
+        with open(opts.out, "w") as f:
+            f.write(table)
+        with open(os.path.splitext(opts.out)[0] + ".json", "w") as f:
+            json.dump({"machine": machine, "options": vars(opts), "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

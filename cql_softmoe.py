@@ -1,0 +1,1657 @@
+"""Offline CQL and CQL+C51 with a Soft MoE (or Top1-MoE, or a widened dense layer) as the penultimate layer, trained
+from the DQN Replay Dataset without any interaction with the environment while learning.
+
+Obando-Ceron, Sokar, Willi et al., "Mixtures of Experts Unlock Parameter Scaling for Deep RL", ICML 2024: §5.1,
+Figures 11 and 17 (Table 3): 200 iterations of 62,500 gradient steps on 5%, 10% or 50% of a game's logged DQN data,
+evaluated on the Dopamine protocol after each iteration.
+
+    python cql_softmoe.py --dataset-dir data/dqn-replay --game Pong --num-experts 8 --data-fraction 0.05
+    python cql_softmoe.py --dataset-dir data/dqn-replay --game Pong --agent cql-c51 --data-fraction 0.5 \\
+        --checkpoints-per-iteration 5   # Figure 17 (right): 5 random checkpoints in memory per iteration
+"""
+
+import collections
+import concurrent.futures
+import difflib
+import glob
+import gzip
+import json
+import math
+import os
+import random
+import re
+import signal
+import sys
+import time
+import zlib
+from dataclasses import dataclass, replace
+from typing import Annotated, Literal
+
+import ale_py
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from ale_py.vector_env import AtariVectorEnv
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    # experiment
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run directory's name)"""
+    seed: int = 1
+    """seed of numpy, torch, the replay sampler, the default dataset run and the evaluation episodes"""
+    torch_deterministic: bool = True
+    """make cuDNN deterministic (`torch.backends.cudnn.deterministic`)"""
+    cuda: bool = True
+    """use CUDA when it is available (networks, the loaded dataset and sampling all live on the GPU)"""
+    compile: bool = False
+    """compile the training step with `torch.compile`"""
+    runs_dir: str = "runs"
+    """directory under which `{game}__{exp_name}__{seed}__{time}` run directories are created"""
+
+    # data: the DQN Replay Dataset (SPEC §4, Offline)
+    dataset_dir: str = "data/dqn-replay"
+    """root of the dataset: `{dataset_dir}/{Game}/{run}/replay_logs/$store$_observation_ckpt.{N}.gz` and the rest"""
+    env_id: Annotated[str, tyro.conf.arg(aliases=("--game",))] = "Pong"
+    """the game: picks `{dataset_dir}/{Game}/` and the evaluation env (`Pong`, `pong`, `ALE/Pong-v5` all work)"""
+    runs: tuple[int, ...] = ()
+    """dataset runs to train on (the `{run}` directories); default: one per seed, the ((seed-1) mod R)-th of the R present"""
+    checkpoints: tuple[int, ...] = ()
+    """dataset checkpoints to use (the N of `*_ckpt.N.gz`, 0-50 in the public dataset); default: all present"""
+    data_fraction: float = 0.05
+    """share of each checkpoint's transitions loaded: its first rows, as the reference loaders (paper: 0.05, 0.1, 0.5)"""
+    checkpoints_per_iteration: int = 0
+    """0: load the whole fraction once; K: reload K random checkpoints' fraction every iteration (the reference's .gz loader: 5)"""
+
+    # algorithm (Table 3 of the paper); fields left at None take the --agent's value
+    agent: Literal["cql", "cql-c51"] = "cql"
+    """CQL (Huber TD, DQN head) or CQL+C51 (C51 cross-entropy, dueling, double-Q), both with the CQL term"""
+    num_iterations: int = 200
+    """iterations of training, each followed by an evaluation"""
+    gradient_steps_per_iteration: int = 62_500
+    """gradient steps (batches) per iteration"""
+    cql_alpha: float = 0.1
+    """weight of the CQL term mean(logsumexp_a Q(s, a) - Q(s, a_data))"""
+    learning_rate: float | None = None
+    """Adam's learning rate (default: 5e-5 for cql, 6.25e-5 for cql-c51)"""
+    adam_eps: float | None = None
+    """Adam's epsilon (default: 3.125e-4 for cql, 1.5e-4 for cql-c51)"""
+    n_step: int | None = None
+    """update horizon: n-step returns are built when sampling (default: 1 for cql, 3 for cql-c51)"""
+    target_update_period: int | None = None
+    """gradient steps between target network updates (default: 2,000 for cql, Dopamine's offline value; 100 for cql-c51)"""
+    gamma: float = 0.99
+    """discount factor"""
+    batch_size: int = 32
+    """transitions per gradient step, sampled uniformly"""
+    num_atoms: int = 51
+    """cql-c51 only: atoms of the C51 return distribution"""
+    v_min: float = -10.0
+    """cql-c51 only: smallest return of the C51 support"""
+    v_max: float = 10.0
+    """cql-c51 only: largest return of the C51 support"""
+
+    # network and mixture of experts (SPEC §2-3)
+    encoder: Literal["impala", "nature"] = "impala"
+    """convolutional encoder: Impala ResNet (the paper's default) or the Nature CNN (Figure 7)"""
+    encoder_scale: int = 1
+    """width multiplier of the Impala encoder's channels (16, 32, 32)"""
+    impala_filter_size: Literal[3, 4, 6] = 3
+    """convolution filter size of the Impala encoder (Figure 18 uses 4 and 6)"""
+    moe_type: Literal["softmoe", "top1", "baseline"] = "softmoe"
+    """penultimate layer: Soft MoE, Top1-MoE, or the dense baseline widened to 512 x num_experts units"""
+    num_experts: int = 8
+    """number of experts (for `baseline`: the width multiplier of its dense layer; 1 is the plain network)"""
+    tokenization: Literal["perconv", "perfeat", "persamp"] = "perconv"
+    """how the encoder output becomes tokens (Figure 6): per position, per feature map, or one per sample"""
+    expert_hidden: int = 512
+    """hidden units of each expert (and of the baseline's dense layer before widening)"""
+    expert_hidden_divide: bool = False
+    """divide each expert's hidden units by the number of experts (Figure 5)"""
+    random_phi: bool = False
+    """Soft MoE: redraw the slot parameters Phi from N(0, 1) at every forward pass instead of learning them (Figure 8)"""
+    moe_l2_norm: bool = False
+    """Soft MoE: l2-normalise tokens and Phi, with a learned scale (Puigcerver et al. 2023; Figure 13)"""
+    load_balancing_coef: float = 0.0
+    """Top1-MoE: weight of the importance and load losses of Ruiz et al. 2021 (Figure 9 uses 1.0)"""
+    expert_variant: Literal["regular", "big", "all"] = "regular"
+    """Soft MoE placement (Figure 13): penultimate layer, whole network per expert, or one per layer"""
+
+    # logging, evaluation and outputs
+    log_every: int = 1_000
+    """gradient steps between loss/SPS scalars in TensorBoard"""
+    metrics_every: int = 62_500
+    """gradient steps between the analysis metrics of Figure 10 (dormant neurons, srank, eNTK, routing); 0 = never"""
+    print_every: int = 10_000
+    """gradient steps between progress lines when stdout is not a terminal"""
+    save_model: bool = False
+    """save the final network to `{run_dir}/model.pt`"""
+    eval_episodes: int = 10
+    """episodes evaluated after each iteration with epsilon 0.001, all in one vector env (0 = never)"""
+    eval_epsilon: float = 0.001
+    """exploration epsilon during evaluation"""
+
+    # checkpoints (long runs, preemption)
+    checkpoint_every: int = 0
+    """gradient steps between checkpoints in `{run_dir}/checkpoints/` (0 = only when stopped by SIGTERM/SIGUSR1/SIGUSR2); the dataset is reloaded from disk, never saved"""
+    checkpoint_keep: int = 1
+    """how many of the newest checkpoints to keep"""
+    resume: str = ""
+    """continue a run: a checkpoint file, a run directory, or `auto` (the newest unfinished run of this game, exp_name and seed)"""
+
+
+AGENT_DEFAULTS = {  # Table 3; the table gives no target period for CQL: Dopamine's offline configs use 2,000
+    "cql": {"learning_rate": 5e-5, "adam_eps": 3.125e-4, "n_step": 1, "target_update_period": 2_000},
+    "cql-c51": {"learning_rate": 6.25e-5, "adam_eps": 1.5e-4, "n_step": 3, "target_update_period": 100},
+}
+OFFLINE_RESUMABLE = {"num_iterations", "dataset_dir"}  # may differ on resume, besides the checkpoint block's list
+
+
+def with_agent_defaults(args: Args) -> Args:
+    """The one place where --agent sets the fields left at None (Table 3 of the paper)."""
+    return replace(args, **{k: v for k, v in AGENT_DEFAULTS[args.agent].items() if getattr(args, k) is None})
+
+
+# === shared: environment ===
+def resolve_rom(env_id: str) -> str:
+    """Map `Breakout`, `breakout`, `ALE/Breakout-v5`, `BreakoutNoFrameskip-v4` or `space_invaders` to a ROM id."""
+    name = re.sub(r"(NoFrameskip|Deterministic)?-v\d+$", "", env_id.split("/")[-1])
+    roms = {rom.replace("_", ""): rom for rom in ale_py.roms.get_all_rom_ids()}
+    key = re.sub(r"[^a-z0-9]", "", name.lower())
+    if key in roms:
+        return roms[key]
+    close = [roms[k] for k in difflib.get_close_matches(key, list(roms), n=4, cutoff=0.5)]
+    hint = f"closest ROM ids: {', '.join(close)}" if close else "see `ale_py.roms.get_all_rom_ids()`"
+    raise ValueError(f"unknown game {env_id!r}; {hint}")
+
+
+def game_name(rom: str) -> str:
+    """`space_invaders` -> `SpaceInvaders`, the name used in run directories and score tables."""
+    return "".join(part.capitalize() for part in rom.split("_"))
+
+
+def make_env(rom: str, num_envs: int, protocol: str, max_episode_frames: int = 108_000) -> AtariVectorEnv:
+    """ale-py's C++ vector env, every setting explicit: its defaults are neither protocol (SPEC §1)."""
+    atari100k = protocol == "atari100k"
+    return AtariVectorEnv(
+        rom,
+        num_envs,
+        repeat_action_probability=0.0 if atari100k else 0.25,  # sticky actions (Machado et al. 2018)
+        noop_max=30 if atari100k else 0,
+        use_fire_reset=False,
+        reward_clipping=False,  # logged returns are game scores; the learner clips
+        episodic_life=False,  # True would restart the whole game at every life loss
+        life_loss_info=False,  # life losses are read from info["lives"] where the protocol needs them
+        max_num_frames_per_episode=max_episode_frames,  # 108k frames = 27k agent steps, a truncation
+        frameskip=4,
+        maxpool=True,
+        stack_num=4,
+        img_height=84,
+        img_width=84,
+        grayscale=True,
+        full_action_space=False,
+        autoreset_mode="NextStep",  # the step after a game over returns the first frame of the next one
+    )
+# === end shared ===
+
+
+# === shared: encoders ===
+def same_pad(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> torch.Tensor:
+    """TensorFlow 'SAME' padding: output size ceil(in/stride); an odd total pad puts the extra pixel bottom/right."""
+    pads = []
+    for size in (x.shape[-1], x.shape[-2]):
+        total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads, value=value)
+
+
+def xavier_uniform_(weight: torch.Tensor, groups: int = 1) -> None:
+    """Glorot-uniform with fans counted inside one group, so each of `groups` experts is initialised as Flax would."""
+    receptive = weight[0, 0].numel()
+    bound = math.sqrt(6.0 / (weight.shape[1] * receptive + weight.shape[0] // groups * receptive))
+    nn.init.uniform_(weight, -bound, bound)
+
+
+def lecun_normal_(weight: torch.Tensor) -> None:
+    """Flax's default kernel init: truncated normal (+-2 std) whose std is 1/sqrt(fan_in) after truncation."""
+    std = 1.0 / math.sqrt(weight[0].numel()) / 0.87962566103423978
+    nn.init.trunc_normal_(weight, 0.0, std, -2 * std, 2 * std)
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv2d with TF-'SAME' padding and the official initialisation (zero bias)."""
+
+    def __init__(self, in_channels, out_channels, kernel, stride=1, groups=1, init="xavier"):
+        super().__init__(in_channels, out_channels, kernel, stride, padding=0, groups=groups)
+        if init == "xavier":
+            xavier_uniform_(self.weight, groups)
+        else:
+            lecun_normal_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x):
+        return super().forward(same_pad(x, self.kernel_size[0], self.stride[0]))
+
+
+class ImpalaStack(nn.Module):
+    """conv -> 3x3/2 max-pool -> 2 residual blocks [ReLU, conv, ReLU, conv] + input (Espeholt et al. 2018)."""
+
+    def __init__(self, in_channels, channels, filter_size, groups=1):
+        super().__init__()
+        self.conv = SameConv2d(in_channels, channels, filter_size, groups=groups)
+        self.blocks = nn.ModuleList(
+            nn.ModuleList(SameConv2d(channels, channels, filter_size, groups=groups, init="lecun") for _ in range(2))
+            for _ in range(2)
+        )
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = F.max_pool2d(same_pad(x, 3, 2, value=-math.inf), 3, 2)  # -inf: padding never wins the max
+        for conv_a, conv_b in self.blocks:
+            x = x + conv_b(F.relu(conv_a(F.relu(x))))
+        return x
+
+
+class ImpalaEncoder(nn.Module):
+    """Impala ResNet of the official code: channels (16, 32, 32) x scale, 84 -> 42 -> 21 -> 11 (SPEC §2).
+
+    `groups` > 1 runs that many independent encoders side by side (grouped convolutions), one per expert.
+    """
+
+    def __init__(self, in_channels=4, scale=1, filter_size=3, groups=1):
+        super().__init__()
+        channels = [c * scale * groups for c in (16, 32, 32)]
+        inputs = [in_channels * groups] + channels[:-1]
+        self.stages = nn.ModuleList(ImpalaStack(i, c, filter_size, groups) for i, c in zip(inputs, channels))
+        self.out_channels = channels[-1] // groups
+
+    def stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages[index](x)
+        return F.relu(x) if index == len(self.stages) - 1 else x  # a ReLU after the last stack
+
+    def forward(self, x):
+        for index in range(len(self.stages)):
+            x = self.stage(index, x)
+        return x
+
+
+class NatureEncoder(nn.Module):
+    """Nature CNN (Mnih et al. 2015) with TF-'SAME' padding: 84 -> 21 -> 11 -> 11, 11x11x64 out (SPEC §2)."""
+
+    def __init__(self, in_channels=4, groups=1):
+        super().__init__()
+        specs = [(in_channels, 32, 8, 4), (32, 64, 4, 2), (64, 64, 3, 1)]
+        self.stages = nn.ModuleList(SameConv2d(i * groups, o * groups, k, s, groups) for i, o, k, s in specs)
+        self.out_channels = 64
+
+    def stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.stages[index](x))
+
+    def forward(self, x):
+        for index in range(len(self.stages)):
+            x = self.stage(index, x)
+        return x
+
+
+def make_encoder(name: str, scale: int, filter_size: int, groups: int = 1) -> nn.Module:
+    if name == "impala":
+        return ImpalaEncoder(4, scale, filter_size, groups)
+    return NatureEncoder(4, groups)
+# === end shared ===
+
+
+# === shared: tokenize ===
+def tokenize(x: torch.Tensor, tokenization: str) -> torch.Tensor:
+    """Encoder output (B, C, H, W) -> tokens (B, m, d) per sample (§3, Figure 3); tokens never mix samples."""
+    if tokenization == "perconv":
+        return x.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C): one token per position
+    if tokenization == "perfeat":
+        return x.flatten(2)  # (B, C, H, W) -> (B, C, H*W): one token per feature map
+    return x.flatten(1).unsqueeze(1)  # (B, C, H, W) -> (B, 1, C*H*W): the whole sample is one token
+
+
+def num_tokens_and_dim(channels: int, height: int, width: int, tokenization: str) -> tuple[int, int]:
+    """(m, d) that `tokenize` produces for an encoder output of that shape."""
+    return {"perconv": (height * width, channels), "perfeat": (channels, height * width)}.get(
+        tokenization, (1, channels * height * width)
+    )
+# === end shared ===
+
+
+# === shared: Experts ===
+class Experts(nn.Module):
+    """`num_experts` independent MLPs d -> hidden -> ReLU -> d, all run at once with batched matmuls.
+
+    Input (B, n, p, d): expert i gets its p slots. Returns the outputs and the hidden activations.
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden: int):
+        super().__init__()
+        bound = math.sqrt(6.0 / (dim + hidden))  # Glorot-uniform per expert, as the official ExpertModel
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden).uniform_(-bound, bound))
+        self.b1 = nn.Parameter(torch.zeros(num_experts, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim).uniform_(-bound, bound))
+        self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = F.relu(torch.einsum("bnpd,ndh->bnph", x, self.w1) + self.b1[:, None])
+        return torch.einsum("bnph,nhd->bnpd", hidden, self.w2) + self.b2[:, None], hidden
+# === end shared ===
+
+
+# === shared: SoftMoE ===
+def l2_normalize(x: torch.Tensor, dim: int, eps: float = 1e-6) -> torch.Tensor:
+    return x / (x.norm(dim=dim, keepdim=True) + eps)
+
+
+class SoftMoE(nn.Module):
+    """Soft MoE (Puigcerver et al. 2023) as written in the paper's §2.2.
+
+    Logits L = X Phi (m x n*p); dispatch D = softmax of L over the m tokens, combine C = softmax of L over all
+    n*p slots; slot inputs D^T X go to the experts (p slots each), outputs Y = C Y~. Returns (Y, info).
+    """
+
+    def __init__(self, num_tokens, dim, num_experts, experts, l2_norm=False, random_phi=False):
+        super().__init__()
+        self.num_experts = num_experts
+        self.slots_per_expert = math.ceil(num_tokens / num_experts)  # capacity factor 1: 121 tokens -> 16 slots for 8
+        self.dim, self.l2_norm, self.random_phi = dim, l2_norm, random_phi
+        self.experts = experts
+        num_slots = num_experts * self.slots_per_expert
+        if not random_phi:
+            std = 1.0 / math.sqrt(num_experts * dim) / 0.87962566103423978  # lecun-normal over fan-in n*d
+            self.phi = nn.Parameter(nn.init.trunc_normal_(torch.empty(dim, num_slots), 0.0, std, -2 * std, 2 * std))
+        if l2_norm:
+            self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        batch, n, p = tokens.shape[0], self.num_experts, self.slots_per_expert
+        if self.random_phi:  # Figure 8 (right): Phi ~ N(0, 1), redrawn at every call and never learned
+            phi = torch.randn(self.dim, n * p, device=tokens.device, dtype=tokens.dtype)
+        else:
+            phi = self.phi
+        if self.l2_norm:
+            logits = l2_normalize(tokens, -1) @ (self.scale * l2_normalize(phi, 0))
+        else:
+            logits = tokens @ phi  # (B, m, d) @ (d, n*p) -> (B, m, n*p)
+        dispatch = logits.softmax(dim=1)  # each slot: a convex mix of the m tokens
+        combine = logits.softmax(dim=2)  # each token: a convex mix of all n*p slot outputs
+        slots = dispatch.transpose(1, 2) @ tokens  # (B, n*p, m) @ (B, m, d) -> (B, n*p, d), un-normalised X
+        outputs, hidden = self.experts(slots.view(batch, n, p, -1))
+        y = combine @ outputs.reshape(batch, n * p, -1)  # (B, m, n*p) @ (B, n*p, d) -> (B, m, d)
+        expert_mass = combine.view(*combine.shape[:2], n, p).sum(-1)  # (B, m, n): each token's weight per expert
+        return y, {"hidden": hidden, "hidden_mask": None, "expert_mass": expert_mass}
+# === end shared ===
+
+
+# === shared: Top1MoE ===
+def cv_squared(x: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation over the last axis (population std), as vmoe/Dopamine compute it."""
+    return (x.std(-1, unbiased=False) / x.mean(-1)) ** 2
+
+
+class Top1MoE(nn.Module):
+    """Switch-style top-1 routing (Fedus et al. 2022): capacity ceil(m/n) tokens per expert per sample, filled in
+    token order; overflow tokens output exactly zero, kept outputs are scaled by their gate probability.
+
+    Static shapes only (one-hot positions from a cumsum), so it can be captured in a CUDA graph.
+    """
+
+    def __init__(self, num_tokens, dim, num_experts, experts, load_balancing=False):
+        super().__init__()
+        self.num_experts, self.capacity = num_experts, math.ceil(num_tokens / num_experts)
+        self.router = nn.Linear(dim, num_experts, bias=False)
+        lecun_normal_(self.router.weight)  # the official router is a Flax Dense with its default init
+        self.experts = experts
+        self.load_balancing = load_balancing
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        n, capacity = self.num_experts, self.capacity
+        logits = self.router(tokens).float()  # (B, m, n), softmax in float32
+        probs = logits.softmax(-1)
+        gate, expert = probs.max(-1)  # (B, m)
+        chosen = (expert[..., None] == torch.arange(n, device=tokens.device)).to(tokens.dtype)  # (B, m, n)
+        position = ((chosen.cumsum(1) - 1) * chosen).sum(-1).long()  # place of each token in its expert's queue
+        kept = position < capacity
+        slot = (position[..., None] == torch.arange(capacity, device=tokens.device)) & kept[..., None]  # (B, m, c)
+        dispatch = chosen[..., None] * slot[:, :, None, :].to(tokens.dtype)  # (B, m, n, c)
+        expert_inputs = torch.einsum("bmnc,bmd->bncd", dispatch, tokens)
+        outputs, hidden = self.experts(expert_inputs)
+        y = torch.einsum("bmnc,bncd->bmd", dispatch, outputs) * gate[..., None].to(tokens.dtype)
+        info = {"hidden": hidden, "hidden_mask": dispatch.sum(1), "expert_mass": chosen, "gate_probs": probs}
+        info["dropped"] = 1.0 - kept.float().mean()
+        if self.load_balancing:
+            info["aux_loss"] = self.importance_loss(probs) + self.load_loss(logits)
+        return y, info
+
+    def importance_loss(self, probs: torch.Tensor) -> torch.Tensor:
+        """CV^2 over experts of the summed gate probabilities of a sample (Ruiz et al. 2021, eq. 7)."""
+        return cv_squared(probs.sum(1)).mean()
+
+    def load_loss(self, logits: torch.Tensor) -> torch.Tensor:
+        """CV^2 of each expert's probability of being selected under re-drawn noise of std 1/n (Ruiz et al. 2021)."""
+        noise_std = 1.0 / self.num_experts
+        threshold = (logits + noise_std * torch.randn_like(logits)).max(-1, keepdim=True).values
+        p_selected = 1.0 - torch.special.ndtr((threshold - logits) / noise_std)
+        return cv_squared(p_selected.mean(1)).mean()
+# === end shared ===
+
+
+# === shared: PerSampSoftMoE ===
+class PerSampSoftMoE(nn.Module):
+    """Soft MoE on a single PerSamp token with one slot per expert, for the 'big' and 'all' variants (§5.3).
+
+    With m = 1 the dispatch softmax is exactly 1, so every expert sees the whole input; the combine weights
+    softmax_n(x Phi) mix the experts' outputs (B, n, ...), which the caller computes on that same input.
+    """
+
+    def __init__(self, in_features, num_experts, l2_norm=False, random_phi=False):
+        super().__init__()
+        self.in_features, self.num_experts, self.l2_norm, self.random_phi = in_features, num_experts, l2_norm, random_phi
+        if not random_phi:
+            std = 1.0 / math.sqrt(num_experts * in_features) / 0.87962566103423978
+            self.phi = nn.Parameter(nn.init.trunc_normal_(torch.empty(in_features, num_experts), 0.0, std, -2 * std, 2 * std))
+        if l2_norm:
+            self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, token: torch.Tensor, expert_outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.random_phi:
+            phi = torch.randn(self.in_features, self.num_experts, device=token.device, dtype=token.dtype)
+        else:
+            phi = self.phi
+        if self.l2_norm:
+            logits = l2_normalize(token, -1) @ (self.scale * l2_normalize(phi, 0))
+        else:
+            logits = token @ phi  # (B, D) @ (D, n) -> (B, n)
+        combine = logits.softmax(-1)
+        return torch.einsum("bn,bn...->b...", combine, expert_outputs), combine
+
+
+class GroupedLinear(nn.Module):
+    """`groups` independent dense layers applied to (B, groups, in) at once; Glorot-uniform, zero bias."""
+
+    def __init__(self, groups, in_features, out_features):
+        super().__init__()
+        bound = math.sqrt(6.0 / (in_features + out_features))
+        self.weight = nn.Parameter(torch.empty(groups, in_features, out_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.zeros(groups, out_features))
+
+    def forward(self, x):
+        return torch.einsum("bgi,gio->bgo", x, self.weight) + self.bias
+# === end shared ===
+
+
+def xavier_linear(in_features: int, out_features: int) -> nn.Linear:
+    """A dense layer with the official init: Glorot-uniform weight, zero bias (Flax Dense with xavier_uniform)."""
+    layer = nn.Linear(in_features, out_features)
+    xavier_uniform_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class QNetwork(nn.Module):
+    """Encoder -> penultimate layer (baseline dense, Soft MoE or Top1-MoE) -> the agent's head (Figure 2), no noise.
+
+    cql: a linear Q head, as dqn_softmoe.py (with `big`/`all` each expert has its own). cql-c51: the dueling C51 head of
+    rainbow_softmoe.py (shared by the experts with `big`/`all`, as the paper does for Rainbow).
+    `forward(x)` takes uint8 frames (B, 4, 84, 84) and returns Q-values (B, A) for cql, log-probabilities
+    (B, A, atoms) over `support` for cql-c51; `q_values(x)` returns Q-values for both (the expected Q for C51). With
+    `return_info`, also the head's input `features` and what the analysis metrics need.
+    """
+
+    def __init__(self, args: Args, num_actions: int):
+        super().__init__()
+        self.args, n, self.c51 = args, args.num_experts, args.agent == "cql-c51"
+        if self.c51:
+            self.register_buffer("support", torch.linspace(args.v_min, args.v_max, args.num_atoms))
+        hidden = args.expert_hidden // n if args.expert_hidden_divide else args.expert_hidden
+        channels = 32 * args.encoder_scale if args.encoder == "impala" else 64
+        flat = channels * 11 * 11
+        if args.expert_variant == "regular":
+            self.encoder = make_encoder(args.encoder, args.encoder_scale, args.impala_filter_size)
+            if args.moe_type == "baseline":  # widened by num_experts to match the MoE's parameters (Figure 1)
+                self.dense = xavier_linear(flat, hidden * n)
+                features = hidden * n
+            else:
+                m, d = num_tokens_and_dim(channels, 11, 11, args.tokenization)
+                if args.moe_type == "softmoe":
+                    self.moe = SoftMoE(m, d, n, Experts(n, d, hidden), args.moe_l2_norm, args.random_phi)
+                else:
+                    self.moe = Top1MoE(m, d, n, Experts(n, d, hidden), args.load_balancing_coef > 0)
+                features = m * d  # no ReLU and no extra dense layer after the MoE (official code)
+            if not self.c51:
+                self.head = xavier_linear(features, num_actions)
+        else:  # 'big' and 'all' (§5.3): n networks side by side
+            self.encoder = make_encoder(args.encoder, args.encoder_scale, args.impala_filter_size, groups=n)
+            self.dense = GroupedLinear(n, flat, hidden)
+            if not self.c51:  # DQN's last layer belongs to the experts
+                self.head = GroupedLinear(n, hidden, num_actions)
+            moe = lambda size: PerSampSoftMoE(size, n, args.moe_l2_norm, args.random_phi)
+            if args.expert_variant == "big":  # one Soft MoE routing the input frames to whole networks
+                self.big_moe = moe(4 * 84 * 84)
+            else:  # 'all': a Soft MoE at every layer (but C51's shared last one), each mixing n copies of that layer
+                x, sizes = torch.zeros(1, 4 * n, 84, 84), []
+                with torch.no_grad():
+                    for i in range(len(self.encoder.stages)):
+                        sizes.append(x[0].numel() // n)
+                        x = self.encoder.stage(i, x)
+                self.stage_moes = nn.ModuleList(moe(size) for size in sizes)
+                self.dense_moe = moe(flat)
+                if not self.c51:
+                    self.head_moe = moe(hidden)
+            features = hidden
+        if self.c51:  # value (atoms) and advantage (actions x atoms) streams (Wang et al. 2016)
+            self.value = xavier_linear(features, args.num_atoms)
+            self.advantage = xavier_linear(features, num_actions * args.num_atoms)
+
+    def forward(self, x: torch.Tensor, return_info: bool = False):
+        x = x.float() / 255.0
+        batch, n, variant = x.shape[0], self.args.num_experts, self.args.expert_variant
+        if variant == "regular":
+            h = self.encoder(x)
+            if self.args.moe_type == "baseline":
+                features = F.relu(self.dense(h.flatten(1)))
+                info = {"hidden": features[:, None, None], "hidden_mask": None}
+            else:
+                y, info = self.moe(tokenize(h, self.args.tokenization))
+                features = y.flatten(1)
+            out = None if self.c51 else self.head(features)
+        elif variant == "big":
+            h = self.encoder(x.repeat(1, n, 1, 1)).view(batch, n, -1)  # (B, n*C, 11, 11) -> (B, n, C*121)
+            hidden = F.relu(self.dense(h))
+            if self.c51:
+                features, combine = self.big_moe(x.flatten(1), hidden)  # (B, n, h) mixed per sample -> (B, h)
+            else:
+                out, combine = self.big_moe(x.flatten(1), self.head(hidden))
+                features = hidden.flatten(1)
+        else:
+            for i, stage_moe in enumerate(self.stage_moes):
+                y = self.encoder.stage(i, x.repeat(1, n, 1, 1))  # n copies of layer i on the same input
+                x, _ = stage_moe(x.flatten(1), y.view(batch, n, -1, *y.shape[-2:]))
+            hidden = F.relu(self.dense(x.flatten(1).unsqueeze(1).expand(-1, n, -1)))
+            features, combine = self.dense_moe(x.flatten(1), hidden)
+            if not self.c51:
+                out, _ = self.head_moe(features, self.head(features.unsqueeze(1).expand(-1, n, -1)))
+        if variant != "regular":
+            info = {"hidden": hidden[:, :, None], "hidden_mask": None, "expert_mass": combine[:, None]}
+        if self.c51:
+            value = self.value(features).view(batch, 1, -1)
+            advantage = self.advantage(features).view(batch, -1, value.shape[-1])  # (B, A, atoms)
+            out = (value + advantage - advantage.mean(1, keepdim=True)).log_softmax(-1)  # per action, over atoms
+        if return_info:
+            info["features"] = features
+            return out, info
+        return out
+
+    def q_values(self, x: torch.Tensor) -> torch.Tensor:
+        out = self(x)
+        return expected_q(out, self.support) if self.c51 else out
+
+
+# === shared: ReplayBuffer ===
+class ReplayBuffer:
+    """Circular replay storing ONE 84x84 frame per agent step per env (SPEC §5): 1M transitions take 7.07 GB.
+
+    Slot t of env e holds the newest frame of the observation the agent acted on, the action, the raw reward,
+    `terminal` (stop bootstrapping after this transition) and `last` (the slot holds an episode's final
+    observation and no transition starts from it). Stacks of 4 frames are rebuilt when sampling, zeroing frames
+    of an earlier episode; n-step returns are built when sampling and stop at a terminal or an episode's end.
+    Everything lives on `device`, so on a GPU sampling never touches the host.
+    """
+
+    def __init__(self, capacity, num_envs, device, n_step=1, gamma=0.99, stack=4, frame_shape=(84, 84), seed=0):
+        self.size, self.num_envs = capacity // num_envs, num_envs  # slots per env
+        if self.size <= n_step + stack:
+            raise ValueError(f"--buffer-size {capacity} is too small for {num_envs} envs and n-step {n_step}")
+        self.device, self.n_step, self.gamma, self.stack = device, n_step, gamma, stack
+        self.frames = torch.zeros((self.size, num_envs, *frame_shape), dtype=torch.uint8, device=device)
+        self.actions = torch.zeros((self.size, num_envs), dtype=torch.uint8, device=device)
+        self.rewards = torch.zeros((self.size, num_envs), dtype=torch.float32, device=device)
+        self.terminals = torch.zeros((self.size, num_envs), dtype=torch.bool, device=device)
+        self.last = torch.zeros((self.size, num_envs), dtype=torch.bool, device=device)
+        self.t = 0  # slots written per env so far (the write cursor is t % size)
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+        self.discounts = gamma ** torch.arange(n_step + 1, dtype=torch.float32, device=device)
+
+    @staticmethod
+    def nbytes(capacity, frame_shape=(84, 84)) -> int:
+        """Bytes of the storage for `capacity` transitions, computed without allocating it."""
+        return capacity * (math.prod(frame_shape) + 1 + 4 + 1 + 1)  # frame, action, reward, terminal, last
+
+    def add(self, frames, actions, rewards, terminals, last):
+        """Write one slot for every env: frames (N, 84, 84) uint8, the rest (N,)."""
+        slot = self.t % self.size
+        self.frames[slot] = torch.as_tensor(frames, device=self.device)
+        self.actions[slot] = torch.as_tensor(actions, device=self.device).to(torch.uint8)
+        self.rewards[slot] = torch.as_tensor(rewards, device=self.device, dtype=torch.float32)
+        self.terminals[slot] = torch.as_tensor(terminals, device=self.device)
+        self.last[slot] = torch.as_tensor(last, device=self.device)
+        self.t += 1
+
+    def valid_range(self) -> tuple[int, int]:
+        """Logical slots [lo, hi] a sample may start at: its stack is not overwritten, its n-step window is written."""
+        lo = max(0, self.t - self.size + self.stack - 1)
+        return lo, self.t - self.n_step - 1
+
+    def can_sample(self) -> bool:
+        lo, hi = self.valid_range()
+        return hi > lo  # two starts at least, so the fallback of `sample_indices` stays within [lo, hi]
+
+    def sample_indices(self, batch_size, candidates=16):
+        """Uniform over valid starts without host synchronisation: per sample, the first of `candidates` uniform
+        draws whose slot is not `last`. If all draws hit final observations (probability below 1e-16 once episodes
+        are longer than 10 steps) the slot before the first draw is used, the last transition of its episode."""
+        lo, hi = self.valid_range()
+        starts = torch.randint(lo, hi + 1, (batch_size, candidates), generator=self.generator, device=self.device)
+        envs = torch.randint(0, self.num_envs, (batch_size, candidates), generator=self.generator, device=self.device)
+        ok = ~self.last[starts % self.size, envs]
+        pick = ok.float().argmax(1, keepdim=True)  # first valid draw
+        idx, envs = starts.gather(1, pick).squeeze(1), envs.gather(1, pick).squeeze(1)
+        missed = ~ok.any(1)
+        return torch.where(missed, torch.where(idx > lo, idx - 1, idx + 1), idx), envs
+
+    def stack_frames(self, idx, envs):
+        """(B,) logical slots -> (B, stack, 84, 84) uint8, frames before the episode's first one set to zero.
+
+        An episode ends at a `last` slot or after a `terminal` transition: with life losses as terminals
+        (atari100k), the agent's stack restarts at each life, as Dopamine's runner begins a new agent episode.
+        """
+        offsets = torch.arange(-self.stack + 1, 1, device=self.device)
+        slots = idx[:, None] + offsets  # (B, stack), oldest first
+        frames = self.frames[slots % self.size, envs[:, None]]
+        ended = self.last[slots % self.size, envs[:, None]] | self.terminals[slots % self.size, envs[:, None]] | (slots < 0)
+        # frame j belongs to an earlier episode if any slot in [j, idx - 1] ended one
+        earlier = ended.flip(1).cumsum(1).flip(1) - ended[:, -1:].long() > 0
+        return frames * ~earlier[..., None, None]
+
+    def gather(self, idx, envs):
+        """Batch for starts idx: states, actions, n-step clipped returns, bootstrap discounts, next states."""
+        k = torch.arange(self.n_step, device=self.device)
+        slots = (idx[:, None] + k) % self.size
+        rewards = self.rewards[slots, envs[:, None]].clamp(-1.0, 1.0)  # reward clipping inside the agent
+        terminal = self.terminals[slots, envs[:, None]]
+        ends = self.last[(idx[:, None] + k + 1) % self.size, envs[:, None]]
+        stop = terminal | ends  # the episode (or, at a life loss, bootstrapping) stops after step k
+        alive = (stop.cumsum(1) - stop.long()) == 0  # steps taken before the first stop, and the stop itself
+        returns = (rewards * alive * self.discounts[:-1]).sum(1)
+        steps = alive.sum(1)
+        done = (terminal & alive).any(1)
+        discounts = self.discounts[steps] * ~done
+        states = self.stack_frames(idx, envs)
+        next_states = self.stack_frames(idx + steps, envs)
+        return states, self.actions[idx % self.size, envs].long(), returns, discounts, next_states
+
+    def sample(self, batch_size):
+        return self.gather(*self.sample_indices(batch_size))
+
+    def state_dict(self) -> dict:
+        """Contents and sampler state; only the written part when not yet full (a slice would save everything)."""
+        filled = min(self.t, self.size)
+        keep = (lambda x: x) if filled == self.size else (lambda x: x[:filled].clone())
+        names = ["frames", "actions", "rewards", "terminals", "last"]
+        return {"t": self.t, "generator": self.generator.get_state(), **{k: keep(getattr(self, k)) for k in names}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["frames"].shape[1:] != self.frames.shape[1:] or state["frames"].shape[0] > self.size:
+            raise ValueError(f"replay of shape {tuple(state['frames'].shape)} does not fit this run's replay {tuple(self.frames.shape)}")
+        for k in ["frames", "actions", "rewards", "terminals", "last"]:
+            getattr(self, k)[: state[k].shape[0]] = state[k].to(self.device)
+        self.t = state["t"]
+        self.generator.set_state(state["generator"])
+# === end shared ===
+
+
+class FixedReplay(ReplayBuffer):
+    """The shared replay memory filled from the dataset by `load_dataset` (one env, never written to by an agent).
+    Batches are uniform over `starts`, the slots `load_dataset` allows a transition to start at."""
+
+    def __init__(self, capacity: int, device, n_step: int, gamma: float, seed: int):
+        super().__init__(capacity, 1, device, n_step, gamma, seed=seed)
+        self.starts = torch.zeros(0, dtype=torch.long, device=device)
+
+    def sample_indices(self, batch_size):
+        pick = torch.randint(0, self.starts.shape[0], (batch_size,), generator=self.generator, device=self.device)
+        idx = self.starts[pick]
+        return idx, torch.zeros_like(idx)
+
+
+# === shared: dopamine_dataset ===
+DATASET_ARRAYS = {"observation": np.uint8, "action": np.int32, "reward": np.float32, "terminal": np.uint8}
+DATASET_CAPACITY = 1_000_000  # transitions per checkpoint file: the replay capacity of the DQN that logged the data
+DATASET_PADDING = 3  # Dopamine starts every episode with stack_size - 1 zero transitions (OutOfGraphReplayBuffer.add)
+DATASET_FILE = re.compile(r"^(?:\$store\$_)?(observation|action|reward|terminal|add_count|invalid_range)_ckpt\.(\d+)\.gz$")
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used as it is; the message is one line naming the file or directory."""
+
+
+def dataset_file(run_dir: str, name: str, checkpoint: int, folder: str = "replay_logs") -> str:
+    """`{run_dir}/replay_logs/$store$_{name}_ckpt.{N}.gz` for the stored arrays, `{name}_ckpt.{N}.gz` for the others."""
+    prefix = "$store$_" if name in DATASET_ARRAYS else ""
+    return os.path.join(run_dir, folder, f"{prefix}{name}_ckpt.{checkpoint}.gz")
+
+
+def write_npy_gz(path: str, array: np.ndarray = None, shape=None, blocks=()) -> None:
+    """A gzip of `np.save(..., allow_pickle=False)`, as Dopamine saves each replay array; fsynced. For frames, give the
+    array's `shape` and an iterable of uint8 `blocks` instead: the same bytes, never all in memory at once."""
+    with open(path, "wb") as f:
+        with gzip.GzipFile(fileobj=f, mode="wb", compresslevel=6) as out:  # zlib's default level; Dopamine's is 9
+            if array is not None:
+                np.save(out, array, allow_pickle=False)
+            else:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
+                np.lib.format.write_array_header_1_0(out, header)  # what np.save writes before the data
+                for block in blocks:
+                    out.write(block.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_replay_dataset(rb, root: str, game: str) -> list:
+    """Write the replay's content in the DQN Replay Dataset layout (SPEC §4): `{root}/{game}/{run}/replay_logs/`, one
+    run per env, numbered from the first free number. As Dopamine's logged buffer: 3 zero transitions before each
+    episode, terminal 1 on an episode's last transition (a truncation too, as the agent that logged the public data
+    did), no final observations, the replay's rewards, checkpoint files of at most 1M transitions. A run is written
+    to `replay_logs.tmp` and renamed when complete: a crash never leaves a partial dataset under the final name."""
+    filled = min(rb.t, rb.size)
+    order = (torch.arange(rb.t - filled, rb.t) % rb.size).numpy()  # the stored slots, oldest first
+    game_dir = os.path.join(root, game)
+    os.makedirs(game_dir, exist_ok=True)
+    written = []
+    if filled == 0:
+        return written
+    for env in range(rb.num_envs):
+        terminal, last = (getattr(rb, k)[:, env].cpu().numpy()[order] for k in ("terminals", "last"))
+        ends = terminal.copy()
+        ends[:-1] |= last[1:]  # the transition before a final observation ends its episode (a truncation too)
+        begins = np.zeros_like(last)
+        begins[1:] = last[:-1] | terminal[:-1]  # Dopamine pads after every terminal (and at an atari100k life loss)
+        begins[0] = rb.t <= rb.size  # the first slot ever written starts the first episode
+        kept = np.flatnonzero(~last)  # final observations are not stored: Dopamine keeps no next observation
+        pads = DATASET_PADDING * begins[kept]
+        rows = np.arange(len(kept)) + np.cumsum(pads)  # output row of each kept slot, after its episode's padding
+        total = len(kept) + int(pads.sum())
+        source = np.full(total, -1, dtype=np.int64)  # replay slot of each output row; -1: a zero transition
+        source[rows] = order[kept]
+        arrays = {name: np.zeros(total, dtype) for name, dtype in DATASET_ARRAYS.items() if name != "observation"}
+        arrays["action"][rows] = rb.actions[:, env].cpu().numpy()[order[kept]]
+        arrays["reward"][rows] = rb.rewards[:, env].cpu().numpy()[order[kept]]
+        arrays["terminal"][rows] = ends[kept]
+        run = 1
+        while True:  # claim the first free run number (makedirs is atomic: parallel writers never share one)
+            try:
+                os.makedirs(os.path.join(game_dir, str(run)))
+                break
+            except FileExistsError:
+                run += 1
+        run_dir = os.path.join(game_dir, str(run))
+        os.makedirs(os.path.join(run_dir, "replay_logs.tmp"))
+        for checkpoint, start in enumerate(range(0, total, DATASET_CAPACITY)):
+            stop = min(start + DATASET_CAPACITY, total)
+
+            def frames(a, b, env=env):  # rows [a, b) of the output, zero frames for the padding
+                block = np.zeros((b - a, *rb.frames.shape[2:]), np.uint8)
+                real = source[a:b] >= 0
+                block[real] = rb.frames[torch.as_tensor(source[a:b][real], device=rb.device), env].cpu().numpy()
+                return block
+
+            path = lambda name: dataset_file(run_dir, name, checkpoint, "replay_logs.tmp")
+            blocks = (frames(a, min(a + 4096, stop)) for a in range(start, stop, 4096))
+            write_npy_gz(path("observation"), shape=(stop - start, *rb.frames.shape[2:]), blocks=blocks)
+            for name, array in arrays.items():
+                write_npy_gz(path(name), array[start:stop])
+            write_npy_gz(path("add_count"), np.array(stop - start, dtype=np.int64))
+            cursor = (stop - start) % DATASET_CAPACITY  # Dopamine's invalid_range(cursor, 1M, stack 4, update horizon 1)
+            write_npy_gz(path("invalid_range"), np.array([(cursor - 1 + i) % DATASET_CAPACITY for i in range(5)]))
+        os.replace(os.path.join(run_dir, "replay_logs.tmp"), os.path.join(run_dir, "replay_logs"))
+        written.append(run_dir)
+    return written
+
+
+def find_dataset_runs(root: str, game: str) -> tuple[str, dict]:
+    """`{root}/{game}` (matched ignoring case and punctuation) and its runs {number: run directory}: the numbered
+    directories that hold a `replay_logs` folder."""
+    if not os.path.isdir(root):
+        raise DatasetError(f"dataset directory {root} does not exist; download the DQN Replay Dataset (README) or pass "
+                           "--dataset-dir")
+    key = lambda name: re.sub(r"[^a-z0-9]", "", name.lower())
+    games = {key(d): d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))}
+    if key(game) not in games:
+        raise DatasetError(f"{os.path.join(root, game)} does not exist; games in {root}: {', '.join(sorted(games.values())) or 'none'}")
+    game_dir = os.path.join(root, games[key(game)])
+    runs = {int(d): os.path.join(game_dir, d) for d in os.listdir(game_dir)
+            if d.isdigit() and os.path.isdir(os.path.join(game_dir, d, "replay_logs"))}
+    if not runs:
+        raise DatasetError(f"{game_dir} holds no run directory with a replay_logs folder ({game_dir}/1/replay_logs/...)")
+    return game_dir, runs
+
+
+def dataset_read_error(path: str, error: Exception) -> DatasetError:
+    """One line for what went wrong reading `path`."""
+    if isinstance(error, DatasetError):
+        return error
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:150]
+    if isinstance(error, EOFError):
+        return DatasetError(f"{path}: truncated gzip ({reason}); download it again")
+    if isinstance(error, (OSError, zlib.error)):
+        return DatasetError(f"{path}: not a readable gzip file ({reason})")
+    if "allow_pickle" in reason:
+        return DatasetError(f"{path}: holds pickled Python objects; refused (the dataset is read with allow_pickle=False)")
+    return DatasetError(f"{path}: not a .npy array as np.save writes it ({reason})")
+
+
+def read_npy_gz(path: str) -> np.ndarray:
+    """np.load(allow_pickle=False) of a gzip file (all of it, so the gzip checksum is checked too)."""
+    try:
+        with gzip.open(path, "rb") as f:
+            return np.load(f, allow_pickle=False)
+    except Exception as error:
+        raise dataset_read_error(path, error) from None
+
+
+def read_npy_header(path: str, f=None) -> tuple:
+    """(shape, dtype, header bytes) of the gzipped .npy file `path`, read from `f` if open; like
+    np.load(allow_pickle=False), it refuses object arrays."""
+    if f is None:
+        try:
+            with gzip.open(path, "rb") as f:
+                return read_npy_header(path, f)
+        except OSError as error:
+            raise dataset_read_error(path, error) from None
+    try:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise DatasetError(f"{path}: .npy format version {version} is not supported (np.save writes 1.0)")
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read(f)
+    except Exception as error:
+        raise dataset_read_error(path, error) from None
+    if dtype.hasobject:
+        raise DatasetError(f"{path}: holds pickled Python objects; refused (the dataset is read with allow_pickle=False)")
+    if fortran_order and len(shape) > 1:
+        raise DatasetError(f"{path}: a Fortran-ordered array; np.save of the replay writes C order")
+    return shape, dtype, f.tell()
+
+
+def scan_dataset(run_dirs: dict, checkpoints, fraction: float, num_actions: int) -> list:
+    """Find and check every file of the chosen runs {number: directory} and checkpoints (all present if empty), all but
+    the frames themselves, which `load_dataset` reads. From each checkpoint the first `fraction` of its stored
+    transitions is used, as the reference loaders take a fraction (batch_rl and Dopamine's JaxFixedReplayBuffer keep
+    `store[:capacity]` of each checkpoint; the CQL code the first 10,000 of each for 1%). Returns one record per
+    checkpoint: its file, the rows to load as chronologically contiguous pieces [a, b) and their actions, rewards,
+    terminals."""
+    records = []
+    for run, run_dir in sorted(run_dirs.items()):
+        found = {int(m.group(2)) for m in map(DATASET_FILE.match, os.listdir(os.path.join(run_dir, "replay_logs"))) if m}
+        for checkpoint in sorted(checkpoints or found):
+            paths = {name: dataset_file(run_dir, name, checkpoint) for name in [*DATASET_ARRAYS, "add_count"]}
+            for path in paths.values():
+                if not os.path.isfile(path):
+                    raise DatasetError(f"{path}: missing; every checkpoint needs its observation, action, reward, "
+                                       "terminal and add_count files")
+            add_count = read_npy_gz(paths["add_count"])
+            if add_count.size != 1 or add_count.dtype.kind not in "iu" or int(add_count.reshape(())) < 0:
+                raise DatasetError(f"{paths['add_count']}: expected a non-negative integer (0-d array), got "
+                                   f"{add_count.dtype} of shape {add_count.shape}")
+            add_count = int(add_count.reshape(()))
+            shape, dtype, header = read_npy_header(paths["observation"])
+            capacity = shape[0] if shape else 0
+            if dtype != np.uint8 or len(shape) != 3 or shape[1:] != (84, 84):
+                raise DatasetError(f"{paths['observation']}: expected uint8 frames of shape (N, 84, 84), got {dtype} {shape}")
+            with open(paths["observation"], "rb") as f:  # the gzip trailer holds the data size mod 2^32: a cut file fails
+                f.seek(max(os.path.getsize(paths["observation"]) - 4, 0))
+                size = int.from_bytes(f.read(4), "little")
+            if size != (header + capacity * 84 * 84) % 2**32:
+                raise DatasetError(f"{paths['observation']}: truncated gzip (the trailer gives {size} bytes of data, the "
+                                   f"array needs {header + capacity * 84 * 84}); download it again")
+            columns = {}
+            for name in ("action", "reward", "terminal"):
+                columns[name] = read_npy_gz(paths[name])
+                if columns[name].dtype != DATASET_ARRAYS[name] or columns[name].shape != (capacity,):
+                    raise DatasetError(f"{paths[name]}: expected {np.dtype(DATASET_ARRAYS[name])} of shape ({capacity},) "
+                                       f"like the observations, got {columns[name].dtype} {columns[name].shape}")
+            stored = min(add_count, capacity)  # a buffer that never filled up holds add_count transitions
+            rows = int(fraction * stored + 0.5)
+            cursor = add_count % capacity if add_count >= capacity > 0 else 0
+            # rows [0, rows): oldest first they are [cursor, rows) then [0, min(cursor, rows)), two pieces if the
+            # buffer had wrapped around inside them (the public checkpoints wrap at their last row: one piece)
+            chunks = [(a, b) for a, b in ((cursor, rows), (0, min(cursor, rows))) if a < b]
+            picked = {name: np.concatenate([column[a:b] for a, b in chunks] or [column[:0]]) for name, column in columns.items()}
+            bad = {"action": (picked["action"] < 0) | (picked["action"] >= num_actions),
+                   "reward": ~np.isfinite(picked["reward"]), "terminal": picked["terminal"] > 1}
+            for name, mask in bad.items():
+                if mask.any():
+                    row = np.flatnonzero(mask)[0]
+                    raise DatasetError(f"{paths[name]}: bad {name} {picked[name][row]} at row {row} of the loaded part"
+                                       + (f" (the game has {num_actions} actions)" if name == "action" else ""))
+            start = 0
+            for a, b in chunks:  # Dopamine's padding: the 3 transitions after a terminal are zeros
+                terminal = picked["terminal"][start:start + b - a].astype(bool)
+                pad = np.zeros(b - a, dtype=bool)
+                for lag in range(1, DATASET_PADDING + 1):
+                    pad[lag:] |= terminal[:-lag]
+                nonzero = (picked["action"][start:start + b - a] != 0) | (picked["reward"][start:start + b - a] != 0) | terminal
+                if (pad & nonzero).any():
+                    raise DatasetError(f"{paths['terminal']}: the transitions after the terminal at row "
+                                       f"{a + np.flatnonzero(pad & nonzero)[0]} are not Dopamine's zero padding; this "
+                                       "reads the DQN Replay Dataset layout (3 zero transitions before each episode)")
+                start += b - a
+            records.append({"run": run, "checkpoint": checkpoint, "observation": paths["observation"],
+                            "capacity": capacity, "add_count": add_count, "rows": rows, "chunks": chunks,
+                            "action": picked["action"].astype(np.uint8), "reward": picked["reward"],
+                            "terminal": picked["terminal"].astype(bool)})
+    return records
+
+
+def load_dataset(rb, records: list, workers: int = 8) -> torch.Tensor:
+    """Fill `rb` (one env) with the records' transitions, piece after piece, and return the logical slots a sample may
+    start at. As in Dopamine's sampler, a piece's first 3 slots only complete stacks and its last n only end n-step
+    windows, and the 3 zero transitions after a terminal become `last` slots: no start, stack or window ever
+    crosses from one checkpoint (or one piece of it) into another. Frames are read in parallel, only the loaded rows."""
+    offset, starts, jobs = 0, [], []
+    for record in records:
+        placed, start = [], 0
+        for a, b in record["chunks"]:
+            cut = slice(start, start + b - a)
+            terminal = record["terminal"][cut]
+            pad = np.zeros(b - a, dtype=bool)
+            for lag in range(1, DATASET_PADDING + 1):
+                pad[lag:] |= terminal[:-lag]
+            slots = slice(offset, offset + b - a)
+            rb.actions[slots, 0] = torch.as_tensor(record["action"][cut], device=rb.device)
+            rb.rewards[slots, 0] = torch.as_tensor(record["reward"][cut], device=rb.device)
+            rb.terminals[slots, 0] = torch.as_tensor(terminal, device=rb.device)
+            rb.last[slots, 0] = torch.as_tensor(pad, device=rb.device)
+            valid = ~pad
+            valid[: rb.stack - 1] = False  # their stacks would reach before the piece (Dopamine: index >= stack - 1)
+            valid[max(b - a - rb.n_step, 0):] = False  # their windows would pass its end (Dopamine: cursor - n)
+            starts.append(offset + np.flatnonzero(valid))
+            placed.append((a, b, offset))
+            offset, start = offset + b - a, start + b - a
+        jobs.append((record["observation"], placed))
+
+    def read_frames(path, placed):
+        rows = max((b for _, b, _ in placed), default=0)
+        try:
+            with gzip.open(path, "rb") as f:
+                read_npy_header(path, f)
+                for first in range(0, rows, 4096):  # only rows [0, rows): the fraction is each file's first rows
+                    block = bytearray((min(first + 4096, rows) - first) * 84 * 84)
+                    view, got = memoryview(block), 0
+                    while got < len(block):
+                        n = f.readinto(view[got:])
+                        if not n:
+                            raise EOFError("the file ends before its last frame")
+                        got += n
+                    frames = torch.from_numpy(np.frombuffer(block, np.uint8).reshape(-1, 84, 84))
+                    for a, b, at in placed:
+                        lo, hi = max(a, first), min(b, first + len(frames))
+                        if lo < hi:
+                            rb.frames[at + lo - a: at + hi - a, 0] = frames[lo - first: hi - first].to(rb.device)
+        except Exception as error:
+            raise dataset_read_error(path, error) from None
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(workers, len(jobs)))) as pool:
+        for future in [pool.submit(read_frames, *job) for job in jobs]:
+            future.result()
+    rb.t = offset
+    return torch.as_tensor(np.concatenate(starts or [np.zeros(0, np.int64)]), dtype=torch.long, device=rb.device)
+# === end shared ===
+
+
+# === shared: metrics ===
+def srank(matrix: torch.Tensor, delta: float = 0.01) -> int:
+    """Effective rank (Kumar et al. 2021): smallest k whose top-k singular values hold 1 - delta of their sum."""
+    sv = torch.linalg.svdvals(matrix.double())
+    if sv.sum() <= 0:
+        return 0
+    return int((sv.cumsum(0) / sv.sum() < 1.0 - delta).sum()) + 1
+
+
+def dormant_fraction(hidden: torch.Tensor, mask, tau: float) -> float:
+    """Fraction of tau-dormant units (Sokar et al. 2023): s_i = E|h_i| / mean_k E|h_k| <= tau.
+
+    hidden (B, n, p, h): the score of (expert, unit) averages over the batch and the p slots (where `mask`
+    (B, n, p) marks real tokens, for Top1's capacity buffer); a baseline layer is (B, 1, 1, units).
+    """
+    weights = torch.ones(hidden.shape[:3], device=hidden.device) if mask is None else mask.float()
+    score = (hidden.abs() * weights[..., None]).sum((0, 2)) / weights.sum((0, 2))[:, None].clamp(min=1.0)
+    score = score / score.mean().clamp(min=1e-12)
+    return float((score <= tau).float().mean())
+
+
+def entk_srank(model: nn.Module, sample_loss, inputs: tuple, delta: float = 0.01) -> int:
+    """srank of the B x B Gram matrix of per-sample loss gradients over all parameters (empirical NTK)."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+
+    def loss_one(p, *single):
+        q_fn = lambda x: torch.func.functional_call(model, (p, buffers), (x.unsqueeze(0),))[0]
+        return sample_loss(q_fn, *single)
+
+    per_sample_grad = torch.func.vmap(
+        torch.func.grad(loss_one), in_dims=(None,) + (0,) * len(inputs), randomness="different", chunk_size=8
+    )
+    grads = per_sample_grad(params, *inputs)
+    gram = sum((g.flatten(1) @ g.flatten(1).T).double() for g in grads.values())
+    return srank(gram, delta)
+
+
+def routing_stats(info: dict) -> dict:
+    """Expert load (share of token mass per expert), normalised router entropy, and Top1's dropped tokens."""
+    stats = {}
+    if "expert_mass" in info:
+        mass = info["expert_mass"].float()  # (B, m, n)
+        n = mass.shape[-1]
+        load = mass.mean((0, 1))
+        for i, share in enumerate(load.tolist()):
+            stats[f"moe/expert_load_{i}"] = share
+        probs = info.get("gate_probs", mass).float()
+        entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1).mean()
+        stats["moe/router_entropy"] = float(entropy / math.log(n)) if n > 1 else 0.0
+    if "dropped" in info:
+        stats["moe/dropped_fraction"] = float(info["dropped"])
+    return stats
+
+
+def analysis_metrics(model: nn.Module, states: torch.Tensor, sample_loss, loss_inputs: tuple) -> dict:
+    """The Figure 10 metrics on one batch (SPEC §6)."""
+    with torch.no_grad():
+        _, info = model(states, return_info=True)
+    features = info["features"].float()
+    metrics = {
+        "metrics/dormant_tau0": dormant_fraction(info["hidden"], info["hidden_mask"], 0.0),
+        "metrics/dormant_tau0.1": dormant_fraction(info["hidden"], info["hidden_mask"], 0.1),
+        "metrics/feature_norm": float(features.norm(dim=1).mean()),
+        "metrics/srank": srank(features),
+        "metrics/entk_srank": entk_srank(model, sample_loss, loss_inputs),
+    }
+    metrics.update(routing_stats(info))
+    return metrics
+# === end shared ===
+
+
+# === shared: progress ===
+class Progress:
+    """A tqdm bar (steps, SPS, recent return, ETA) on a terminal; plain periodic lines otherwise (CI, Slurm logs)."""
+
+    def __init__(self, total: int, print_every: int, start_step: int = 0):
+        self.total, self.print_every, self.start, self.start_step = total, print_every, time.time(), start_step
+        self.next_print = (start_step // print_every + 1) * print_every
+        self.returns = collections.deque(maxlen=20)
+        self.bar = None
+        if sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, returns=()):
+        self.returns.extend(returns)
+        recent = f"{np.mean(self.returns):.1f}" if self.returns else "n/a"
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"return {recent}", refresh=False)
+            self.bar.update(step - self.bar.n)  # tqdm shows steps/s and the ETA
+        elif step >= self.next_print or step >= self.total:
+            self.next_print = (step // self.print_every + 1) * self.print_every
+            elapsed = time.time() - self.start
+            sps = (step - self.start_step) / max(elapsed, 1e-9)
+            eta = (self.total - step) / max(sps, 1e-9)
+            print(f"step {step}/{self.total}  SPS {sps:.0f}  return {recent}  elapsed {elapsed:.0f}s  ETA {eta:.0f}s", flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+# === end shared ===
+
+
+# === shared: checkpoint ===
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; the launcher requeues the job, which continues with --resume auto
+EXIT_NONFINITE = 3
+CHECKPOINT_FORMAT = 1
+RESUMABLE_CHANGES = {"resume", "total_timesteps", "checkpoint_every", "checkpoint_keep", "checkpoint_replay", "cuda",
+                     "compile", "log_every", "print_every", "metrics_every", "save_model", "save_replay", "eval_episodes",
+                     "eval_every"}
+
+
+def episode_seed(seed: int, env: int, episode: int) -> int:
+    """Seed of an env's episode-th reset; unique per (env, episode) for fewer than 7,919 envs."""
+    return (seed * 1_000_003 + env * 10_007 + episode * 7_919) % (2**31 - 1)
+
+
+class EnvTracker:
+    """Makes vector envs resumable without emulator snapshots (ale-py's vector env has none): every episode starts
+    from a reset seeded by (seed, env, episode), so an env's state is that seed plus the actions taken since."""
+
+    def __init__(self, seed: int, num_envs: int):
+        self.seed, self.episodes = seed, np.zeros(num_envs, dtype=np.int64)
+        self.actions = [[] for _ in range(num_envs)]
+
+    def seeds(self, mask=None) -> np.ndarray:
+        envs = np.arange(len(self.episodes)) if mask is None else np.flatnonzero(mask)
+        return np.array([episode_seed(self.seed, e, int(self.episodes[e])) for e in envs], dtype=np.int64)
+
+    def step(self, envs, actions):
+        for e, a in enumerate(actions):
+            self.actions[e].append(int(a))
+        return envs.step(actions)
+
+    def reset_ended(self, envs, was_done, obs):
+        """After the auto-reset step of ended episodes, reset those envs again with their next seed."""
+        if was_done.any():
+            self.episodes[was_done] += 1
+            for e in np.flatnonzero(was_done):
+                self.actions[e] = []
+            reset_obs, _ = envs.reset(seed=self.seeds(was_done), options={"reset_mask": was_done})
+            obs = np.where(was_done[:, None, None, None], reset_obs, obs)
+        return obs
+
+    def state_dict(self) -> dict:
+        return {"episodes": torch.as_tensor(self.episodes), "actions": [torch.tensor(a, dtype=torch.uint8) for a in self.actions]}
+
+    def restore(self, envs, state: dict, expected_obs: np.ndarray) -> np.ndarray:
+        """Replay every env's current episode from its seed; envs with shorter episodes are reset later so all end
+        together. The result must equal the observation saved in the checkpoint."""
+        self.episodes = state["episodes"].numpy().copy()
+        self.actions = [a.tolist() for a in state["actions"]]
+        lengths = np.array([len(a) for a in self.actions])
+        longest = int(lengths.max())
+        obs, _ = envs.reset(seed=self.seeds())
+        for k in range(longest + 1):
+            starting = (longest - lengths == k) & (lengths < longest)  # these episodes begin now
+            if starting.any():
+                obs, _ = envs.reset(seed=self.seeds(starting), options={"reset_mask": starting})
+            if k == longest:
+                break
+            actions = [a[k - longest + n] if k >= longest - n else 0 for a, n in zip(self.actions, lengths)]
+            obs, *_ = envs.step(np.array(actions, dtype=np.int64))
+        if not np.array_equal(obs, expected_obs):
+            raise ValueError("replaying the saved episodes did not reproduce the saved observations (different ale-py or ROM?)")
+        return obs
+
+
+def list_checkpoints(run_dir: str) -> list:
+    return sorted(glob.glob(os.path.join(glob.escape(run_dir), "checkpoints", "step_*.pt")))
+
+
+def save_checkpoint(state: dict, run_dir: str, step: int, keep: int) -> str:
+    """Write to a temporary name, fsync, rename: a crash mid-write leaves the previous checkpoint intact."""
+    path = os.path.join(run_dir, "checkpoints", f"step_{step:012d}.pt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        os.remove(old)
+    return path
+
+
+def find_checkpoint(resume: str, runs_dir: str, run_prefix: str):
+    """`auto`: the newest checkpoint of the newest unfinished run named `run_prefix*` (None if there is none);
+    a run directory: its newest checkpoint; a file: that file."""
+    if resume == "auto":
+        runs = [d for d in glob.glob(os.path.join(glob.escape(runs_dir), glob.escape(run_prefix) + "*"))
+                if not os.path.exists(os.path.join(d, "summary.json")) and list_checkpoints(d)]
+        return list_checkpoints(max(runs, key=lambda d: int(d.rsplit("__", 1)[1])))[-1] if runs else None
+    if os.path.isdir(resume):
+        found = list_checkpoints(resume)
+        if not found:
+            raise ValueError(f"--resume {resume}: the directory has no checkpoints/step_*.pt; start without --resume")
+        return found[-1]
+    if not os.path.isfile(resume):
+        raise ValueError(f"--resume {resume}: no such checkpoint file or run directory")
+    return resume
+
+
+def load_checkpoint(path: str, script: str, args: dict, device) -> dict:
+    """Load with weights_only=True (tensors and plain containers only) and refuse other scripts or other flags."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # a truncated zip, a bad pickle, not a torch file at all
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:150]
+        raise ValueError(f"checkpoint {path} is unreadable ({reason}); resume from an earlier one or start without --resume")
+    if not isinstance(state, dict) or "script" not in state or "args" not in state:
+        raise ValueError(f"{path} is not a checkpoint of this project")
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {path} has format {state.get('format')}, this script reads format {CHECKPOINT_FORMAT}")
+    if state["script"] != script:
+        raise ValueError(f"checkpoint {path} was written by {state['script']}, not {script}")
+    for key, value in args.items():
+        if key not in RESUMABLE_CHANGES and state["args"].get(key) != value:
+            raise ValueError(f"checkpoint {path} was written with --{key.replace('_', '-')} {state['args'].get(key)} "
+                             f"but this run has {value}; resume with the checkpoint's flags")
+    return state
+
+
+class StopRequest:
+    """SIGTERM, SIGUSR1 or SIGUSR2 (what Slurm and submitit send before preemption) only set a flag: the current
+    step finishes, then the loop writes a checkpoint and exits with EXIT_PREEMPTED."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+# === end shared ===
+
+
+# === shared: c51 ===
+def project_distribution(target_support: torch.Tensor, probs: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """The categorical projection of C51 (Bellemare et al. 2017, Algorithm 1), vectorised over batch and atoms.
+
+    Atom j of sample b carries probs[b, j] at return target_support[b, j]; clipped to [v_min, v_max], its mass is
+    split between the two nearest atoms of the fixed, evenly spaced `support` (N,), in proportion to closeness.
+    Returns (B, N).
+    """
+    num_atoms = support.shape[0]
+    v_min, v_max = support[0], support[-1]
+    position = (target_support.clamp(v_min, v_max) - v_min) / ((v_max - v_min) / (num_atoms - 1))
+    position = position.clamp(0, num_atoms - 1)  # rounding must not push v_max past the last atom
+    lower, upper = position.floor(), position.ceil()
+    on_atom = (lower == upper).to(probs.dtype)  # exactly on an atom: all the mass stays there
+    projected = torch.zeros(probs.shape[0], num_atoms, dtype=probs.dtype, device=probs.device)
+    projected = projected.scatter_add(1, lower.long(), probs * (upper - position + on_atom))
+    return projected.scatter_add(1, upper.long(), probs * (position - lower))
+
+
+def expected_q(log_probs: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """Q-values (..., A) of log-probabilities (..., A, N) over `support`: the mean of each return distribution."""
+    return (log_probs.exp() * support).sum(-1)
+
+
+def c51_target(online, target, next_states, returns, discounts, support, double_q=True) -> torch.Tensor:
+    """Target distributions (B, N) for n-step transitions: the target network's distribution at the next action,
+    moved to returns + discounts * z (discounts = gamma^steps, 0 after a terminal) and projected on the support.
+    The next action is the argmax of the online network's Q with double-Q, of the target network's without."""
+    with torch.no_grad():
+        target_log_probs = target(next_states)  # (B, A, N)
+        chooser = online(next_states) if double_q else target_log_probs
+        next_actions = expected_q(chooser, support).argmax(1)
+        index = next_actions[:, None, None].expand(-1, 1, support.shape[0])
+        next_probs = target_log_probs.exp().gather(1, index).squeeze(1)  # (B, N)
+        return project_distribution(returns[:, None] + discounts[:, None] * support, next_probs, support)
+
+
+def c51_sample_loss(q_fn, state, action, target):
+    """Per-sample C51 loss (q_fn, state, action, target distribution) -> cross-entropy, for the empirical NTK."""
+    log_probs = q_fn(state)  # (A, N)
+    return -(target * log_probs.gather(0, action.view(1, 1).expand(1, log_probs.shape[1])).squeeze(0)).sum()
+# === end shared ===
+
+
+def check_args(args: Args) -> None:
+    """Refuse flag combinations that cannot work, each with one sentence naming the flag and the fix."""
+    args = with_agent_defaults(args)
+    positive = ["num_iterations", "gradient_steps_per_iteration", "n_step", "batch_size", "target_update_period",
+                "num_experts", "expert_hidden", "encoder_scale", "log_every", "print_every"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["checkpoints_per_iteration", "cql_alpha", "metrics_every", "eval_episodes", "load_balancing_coef",
+                 "checkpoint_every"]:
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not 0 < args.data_fraction <= 1:
+        raise ValueError(f"--data-fraction must be in (0, 1], got {args.data_fraction}; the paper uses 0.05, 0.1 and 0.5")
+    if any(r < 0 for r in args.runs) or any(c < 0 for c in args.checkpoints):
+        raise ValueError("--runs and --checkpoints take dataset run and checkpoint numbers (>= 0)")
+    if args.checkpoint_keep < 1:
+        raise ValueError(f"--checkpoint-keep must be at least 1, got {args.checkpoint_keep}")
+    if not 0 <= args.eval_epsilon <= 1:
+        raise ValueError(f"--eval-epsilon must be in [0, 1], got {args.eval_epsilon}")
+    if not 0 < args.gamma <= 1:
+        raise ValueError(f"--gamma must be in (0, 1], got {args.gamma}")
+    if args.learning_rate <= 0 or args.adam_eps <= 0:
+        raise ValueError("--learning-rate and --adam-eps must be positive")
+    if args.agent == "cql" and (args.num_atoms, args.v_min, args.v_max) != (51, -10.0, 10.0):
+        raise ValueError("--num-atoms, --v-min and --v-max apply to --agent cql-c51; drop them or use --agent cql-c51")
+    if args.num_atoms < 2:
+        raise ValueError(f"--num-atoms must be at least 2 for a C51 distribution, got {args.num_atoms}")
+    if not args.v_min < args.v_max:
+        raise ValueError(f"--v-min ({args.v_min}) must be below --v-max ({args.v_max}); the paper uses -10 and 10")
+    if args.expert_hidden_divide and args.expert_hidden % args.num_experts:
+        raise ValueError(f"--expert-hidden-divide needs --expert-hidden ({args.expert_hidden}) divisible by --num-experts")
+    if args.encoder == "nature" and (args.encoder_scale != 1 or args.impala_filter_size != 3):
+        raise ValueError("--encoder-scale and --impala-filter-size apply to the Impala encoder; drop them or use --encoder impala")
+    if args.moe_type != "softmoe" and (args.random_phi or args.moe_l2_norm):
+        raise ValueError(f"--random-phi and --moe-l2-norm are Soft MoE options; use --moe-type softmoe, not {args.moe_type}")
+    if args.moe_type != "top1" and args.load_balancing_coef > 0:
+        raise ValueError(f"--load-balancing-coef applies to --moe-type top1, not {args.moe_type}")
+    if args.moe_type == "baseline" and (args.tokenization != "perconv" or args.expert_hidden_divide):
+        raise ValueError("--tokenization and --expert-hidden-divide need an MoE; the baseline has no tokens or experts")
+    if args.expert_variant != "regular" and (args.moe_type != "softmoe" or args.tokenization != "perconv"):
+        raise ValueError(f"--expert-variant {args.expert_variant} is a Soft MoE routing whole inputs as PerSamp tokens; "
+                         "use --moe-type softmoe and leave --tokenization at its default")
+
+
+def offline_losses(q_network, target_network, batch, args):
+    """TD loss and CQL term on a sampled batch (SPEC §4, Offline; Dopamine's offline agents).
+
+    cql: Huber loss to r + gamma^n max_a Q_target(s', a), no double-Q. cql-c51: C51 cross-entropy to the projected
+    double-Q target distribution. The CQL term mean_batch(logsumexp_a Q(s, a) - Q(s, a_data)) (Kumar et al. 2020's
+    CQL(H)) is taken on the expected Q for C51. Returns (td_loss, cql_loss, aux_loss, mean Q of the data's actions);
+    aux_loss is Top1's load balancing, else 0.
+    """
+    states, actions, returns, discounts, next_states = batch
+    out, info = q_network(states, return_info=True)
+    if args.agent == "cql":
+        with torch.no_grad():
+            td_target = returns + discounts * target_network(next_states).max(1).values
+        q = out
+        td_loss = F.huber_loss(q.gather(1, actions[:, None]).squeeze(1), td_target)
+    else:
+        target = c51_target(q_network, target_network, next_states, returns, discounts, q_network.support, double_q=True)
+        taken = out.gather(1, actions[:, None, None].expand(-1, 1, out.shape[-1])).squeeze(1)  # (B, atoms)
+        td_loss = -(target * taken).sum(-1).mean()
+        q = expected_q(out, q_network.support)
+    q_taken = q.gather(1, actions[:, None]).squeeze(1)
+    cql_loss = (torch.logsumexp(q, 1) - q_taken).mean()  # pushes Q down on all actions, up on the data's
+    aux_loss = info.get("aux_loss", torch.zeros((), device=states.device))
+    return td_loss, cql_loss, aux_loss, q_taken.mean().detach()
+
+
+def huber_sample_loss(q_fn, state, action, target):
+    """Per-sample Huber TD loss (q_fn, state, action, target) -> scalar, for the empirical NTK."""
+    return F.huber_loss(q_fn(state).gather(0, action.unsqueeze(0)).squeeze(0), target)
+
+
+def evaluate(model, rom, episodes, epsilon, device, seed):
+    """Runs `episodes` episodes at once (one env each) on the Dopamine protocol, epsilon-greedy on the network's
+    Q-values (the expected Q for C51); returns their game scores."""
+    envs = make_env(rom, episodes, "dopamine")
+    obs, _ = envs.reset(seed=seed)
+    rng = np.random.default_rng(seed)
+    returns, scores, finished = np.zeros(episodes), np.zeros(episodes), np.zeros(episodes, dtype=bool)
+    threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu":  # the env's threads keep cores busy between steps: more only contend
+        torch.set_num_threads(1)  # (10x faster on 2 cores)
+    model.eval()
+    while not finished.all():
+        with torch.no_grad():
+            actions = model.q_values(torch.as_tensor(obs, device=device)).argmax(1).cpu().numpy()
+        explore = rng.random(episodes) < epsilon
+        actions = np.where(explore, rng.integers(envs.single_action_space.n, size=episodes), actions)
+        obs, rewards, terminations, truncations, _ = envs.step(actions)
+        returns += rewards * ~finished
+        ended = (terminations | truncations) & ~finished
+        scores[ended], finished = returns[ended], finished | ended
+    model.train()
+    torch.set_num_threads(threads)
+    envs.close()
+    return scores.tolist()
+
+
+def available_memory(device) -> tuple[int, str]:
+    """Bytes free for the replay on `device`, and where."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], "GPU memory is free"
+    try:
+        with open("/proc/meminfo") as f:
+            return int(next(line for line in f if line.startswith("MemAvailable:")).split()[1]) * 1024, "host memory is available"
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "host memory is available"
+
+
+def replay_capacity(records: list, checkpoints_per_iteration: int) -> int:
+    """Slots for everything loaded at once: all records, or the largest `checkpoints_per_iteration` of them."""
+    rows = sorted((r["rows"] for r in records), reverse=True)
+    return sum(rows[: checkpoints_per_iteration or len(rows)])
+
+
+def dataset_fingerprint(records: list) -> list:
+    """What a checkpoint records of the data it trained on, to refuse resuming on other files."""
+    return [[r["run"], r["checkpoint"], r["capacity"], r["add_count"], r["rows"]] for r in records]
+
+
+def prepare(args: Args):
+    """Every check of the user's input (flags, dataset files, memory, checkpoint) before anything is created or
+    overwritten. Returns the ROM id, the run directory (new, or the one being resumed), the checkpoint to resume from
+    (or None), the dataset records and the number of actions."""
+    rom = resolve_rom(args.env_id)
+    check_args(args)
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    envs = make_env(rom, 1, "dopamine")
+    num_actions = int(envs.single_action_space.n)  # a plain int: model.pt loads with weights_only=True
+    envs.close()
+    game_dir, present = find_dataset_runs(args.dataset_dir, game_name(rom))
+    for run in args.runs:
+        if run not in present:
+            raise DatasetError(f"{os.path.join(game_dir, str(run), 'replay_logs')} does not exist; runs present: "
+                               f"{', '.join(map(str, sorted(present)))}")
+    # one DQN run per training run, as the reference code and Table 3 (5% = 2.5M of one run's 50M transitions)
+    runs = args.runs or [sorted(present)[(args.seed - 1) % len(present)]]
+    records = scan_dataset({r: present[r] for r in runs}, args.checkpoints, args.data_fraction, num_actions)
+    capacity = replay_capacity(records, args.checkpoints_per_iteration)
+    if capacity < args.n_step + 5 or not any(r["rows"] >= args.n_step + 4 for r in records):
+        raise DatasetError(f"{game_dir}: the selected part ({capacity} transitions of runs {list(runs)}) holds no "
+                           "transition to sample (each checkpoint's part needs more than 3 + n); raise --data-fraction")
+    need = ReplayBuffer.nbytes(capacity) + 8 * capacity  # frames and flags, and the index of valid starts
+    free, where = available_memory(device)
+    if need + 2**30 > free:
+        raise ValueError(f"the replay of {capacity:,} transitions needs {need / 1e9:.1f} GB but {free / 1e9:.1f} GB of "
+                         f"{where}; use --checkpoints-per-iteration 5 (5 random checkpoints per iteration, as the "
+                         "reference loader), a smaller --data-fraction, or a machine with more memory")
+    prefix = f"{game_name(rom)}__{args.exp_name}__{args.seed}__"
+    path = find_checkpoint(args.resume, args.runs_dir, prefix) if args.resume else None
+    checkpoint = None
+    if path:
+        compared = {k: v for k, v in vars(args).items() if k not in OFFLINE_RESUMABLE}
+        checkpoint = load_checkpoint(path, os.path.basename(__file__), compared, device)
+        total = args.num_iterations * args.gradient_steps_per_iteration
+        if checkpoint["global_step"] >= total:
+            raise ValueError(f"checkpoint {path} is at gradient step {checkpoint['global_step']}, not below "
+                             f"--num-iterations x --gradient-steps-per-iteration ({total}); raise --num-iterations")
+        if [list(x) for x in checkpoint["dataset"]] != dataset_fingerprint(records):
+            raise ValueError(f"checkpoint {path} trained on other dataset files (runs, checkpoints, sizes or fraction) "
+                             f"than {game_dir} holds now; resume with the same dataset")
+        run_dir = os.path.dirname(os.path.dirname(path))
+    else:
+        stamp = int(time.time())
+        while os.path.exists(os.path.join(args.runs_dir, f"{prefix}{stamp}")):
+            stamp += 1
+        run_dir = os.path.join(args.runs_dir, f"{prefix}{stamp}")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, ".write_test"), "w"):
+            pass
+        os.remove(os.path.join(run_dir, ".write_test"))
+    except OSError as error:
+        raise ValueError(f"cannot write the run directory {run_dir} ({error.strerror}); pass a writable --runs-dir")
+    return rom, run_dir, checkpoint, records, num_actions
+
+
+def main(args: Args, rom: str, run_dir: str, checkpoint, records: list, num_actions: int) -> None:
+    script = os.path.basename(__file__)
+    stop = StopRequest()  # from the start: a signal during set-up still ends in a checkpoint and exit 75
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+
+    q_network = QNetwork(args, num_actions).to(device)
+    target_network = QNetwork(args, num_actions).to(device)
+    target_network.load_state_dict(q_network.state_dict())
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
+    rb = FixedReplay(max(replay_capacity(records, args.checkpoints_per_iteration), args.n_step + 5), device,
+                     args.n_step, args.gamma, args.seed)
+    steps_per_iteration = args.gradient_steps_per_iteration
+    total_steps = args.num_iterations * steps_per_iteration
+    global_step, scores = 0, []
+    if checkpoint is not None:  # continue exactly where the checkpoint left off
+        q_network.load_state_dict(checkpoint["q_network"])
+        target_network.load_state_dict(checkpoint["target_network"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        global_step, scores = checkpoint["global_step"], checkpoint["loop"]["scores"]
+        torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
+        if device.type == "cuda" and checkpoint["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all([s.cpu() for s in checkpoint["rng"]["cuda"]])
+
+    def load(iteration: int) -> None:
+        """All records, or (--checkpoints-per-iteration K) K of them drawn for this iteration from (seed, iteration)."""
+        chosen = records
+        if args.checkpoints_per_iteration:
+            draw = np.random.default_rng([args.seed % 2**32, iteration])
+            picked = draw.choice(len(records), min(args.checkpoints_per_iteration, len(records)), replace=False)
+            chosen = [records[i] for i in sorted(picked)]
+        start = time.time()
+        try:
+            rb.starts = load_dataset(rb, chosen)
+            if not rb.starts.numel():
+                raise DatasetError(f"no transition of checkpoint(s) {[(r['run'], r['checkpoint']) for r in chosen]} "
+                                   "can start a sample (each part needs more than 3 + n); raise --data-fraction")
+        except DatasetError as error:
+            print(f"{script}: error: {error}", file=sys.stderr)
+            sys.exit(2)
+        print(f"loaded {rb.t:,} transitions ({rb.starts.numel():,} can start a sample) from {len(chosen)} checkpoint(s) "
+              f"in {time.time() - start:.1f}s", flush=True)
+
+    loaded = global_step // steps_per_iteration
+    load(loaded)
+    if checkpoint is not None:
+        rb.generator.set_state(checkpoint["sampler"])
+    # purge_step hides what a stopped run logged after its checkpoint (all logged at steps above the checkpoint's)
+    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if checkpoint else None)
+    if checkpoint is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    runs = sorted({r["run"] for r in records})
+    print(f"{run_dir}: {rom}, {num_actions} actions, {args.agent}, {sum(p.numel() for p in q_network.parameters()):,} "
+          f"parameters, device {device}; data: run(s) {', '.join(map(str, runs))}, {len(records)} checkpoint(s), "
+          f"{sum(r['rows'] for r in records):,} transitions ({args.data_fraction:g} of each)"
+          + (f", resumed at gradient step {global_step}" if checkpoint else ""), flush=True)
+    if args.resume == "auto" and checkpoint is None:
+        print("--resume auto: no unfinished run of this game, exp_name and seed has a checkpoint; starting a new run", flush=True)
+
+    def train_step(*batch):
+        td_loss, cql_loss, aux_loss, q_mean = offline_losses(q_network, target_network, batch, args)
+        optimizer.zero_grad(set_to_none=False)
+        (td_loss + args.cql_alpha * cql_loss + args.load_balancing_coef * aux_loss).backward()
+        optimizer.step()
+        return td_loss.detach(), cql_loss.detach(), aux_loss.detach(), q_mean
+
+    if args.compile:
+        train_step = torch.compile(train_step)
+
+    def checkpoint_state() -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT, "script": script, "args": vars(args), "global_step": global_step,
+            "q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
+            "optimizer": optimizer.state_dict(), "dataset": dataset_fingerprint(records),
+            "sampler": rb.generator.get_state(), "loop": {"scores": list(scores)},
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
+        }
+
+    nonfinite_at = torch.full((), -1, dtype=torch.long, device=device)  # first gradient step with a non-finite loss
+
+    def stop_if_nonfinite(check_parameters=False):
+        """One host sync, only when logging or checkpointing: a NaN or inf ends the run without saving it."""
+        step = int(nonfinite_at)
+        if step < 0 and check_parameters and not torch.stack([torch.isfinite(p).all() for p in q_network.parameters()]).all():
+            step = global_step
+        if step >= 0:
+            last = list_checkpoints(run_dir)
+            hint = f"the last good checkpoint is {last[-1]} (continue from it with --resume)" if last else "there is no checkpoint"
+            print(f"{script}: error: non-finite loss, Q-value or weights by gradient step {step}; stopped without "
+                  f"saving; {hint}", file=sys.stderr)
+            writer.close()
+            sys.exit(EXIT_NONFINITE)
+
+    td_loss = None
+    progress = Progress(total_steps, args.print_every, global_step)
+    start_time, last_log = time.time(), (global_step, time.time())
+    while global_step < total_steps:
+        iteration = global_step // steps_per_iteration
+        if args.checkpoints_per_iteration and iteration != loaded:  # the reference reloads its buffers every iteration
+            load(iteration)
+            loaded = iteration
+
+        # learn: one gradient step on a uniform batch of the fixed dataset
+        td_loss, cql_loss, aux_loss, q_mean = train_step(*rb.sample(args.batch_size))
+        finite = torch.isfinite(td_loss) & torch.isfinite(cql_loss) & torch.isfinite(q_mean)
+        nonfinite_at = torch.where((nonfinite_at < 0) & ~finite, global_step + 1, nonfinite_at)
+        global_step += 1  # everything below is logged at this gradient step
+        if global_step % args.target_update_period == 0:
+            target_network.load_state_dict(q_network.state_dict())
+
+        # log
+        if global_step % args.log_every == 0:
+            stop_if_nonfinite()
+            sps = (global_step - last_log[0]) / max(time.time() - last_log[1], 1e-9)
+            last_log = (global_step, time.time())
+            writer.add_scalar("charts/SPS", sps, global_step)
+            writer.add_scalar("losses/td_loss", td_loss.item(), global_step)
+            writer.add_scalar("losses/cql_loss", cql_loss.item(), global_step)
+            writer.add_scalar("losses/q_values", q_mean.item(), global_step)
+            if args.load_balancing_coef > 0:
+                writer.add_scalar("losses/aux_loss", aux_loss.item(), global_step)
+        if args.metrics_every and global_step % args.metrics_every == 0:
+            states, actions_b, returns_b, discounts_b, next_states = rb.sample(args.batch_size)
+            if args.agent == "cql":
+                with torch.no_grad():
+                    targets = returns_b + discounts_b * target_network(next_states).max(1).values
+                sample_loss = huber_sample_loss
+            else:
+                targets = c51_target(q_network, target_network, next_states, returns_b, discounts_b, q_network.support)
+                sample_loss = c51_sample_loss
+            metrics = analysis_metrics(q_network, states, sample_loss, (states, actions_b, targets))
+            for key, value in metrics.items():
+                writer.add_scalar(key, value, global_step)
+
+        # evaluate after each iteration on the Dopamine protocol (ε 0.001), logged at the gradient step
+        finished = []
+        if global_step % steps_per_iteration == 0 and args.eval_episodes:
+            iteration = global_step // steps_per_iteration
+            scores = evaluate(q_network, rom, args.eval_episodes, args.eval_epsilon, device,
+                              args.seed + 100 + 1_000_003 * iteration)
+            for score in scores:
+                writer.add_scalar("eval/episodic_return", score, global_step)
+            print(f"iteration {iteration}/{args.num_iterations}: evaluation over {len(scores)} episodes, mean return "
+                  f"{np.mean(scores):.1f}", flush=True)
+            finished = scores
+        progress.update(global_step, finished)
+
+        # checkpoint: every `checkpoint_every` gradient steps, and when Slurm or the user asks the run to stop
+        periodic = args.checkpoint_every and global_step % args.checkpoint_every == 0
+        if periodic or stop.signal:
+            stop_if_nonfinite(check_parameters=True)
+            path = save_checkpoint(checkpoint_state(), run_dir, global_step, args.checkpoint_keep)
+            if stop.signal:
+                progress.close()
+                print(f"{stop.signal} at gradient step {global_step}: checkpoint written to {path}; "
+                      "continue with --resume auto", flush=True)
+                writer.close()
+                sys.exit(EXIT_PREEMPTED)
+
+    progress.close()
+    stop_if_nonfinite(check_parameters=True)
+    print(f"done: {global_step} gradient steps in {time.time() - start_time:.0f}s", flush=True)
+    if args.save_model:
+        path = os.path.join(run_dir, "model.pt")
+        torch.save({"model": q_network.state_dict(), "args": vars(args), "num_actions": num_actions}, path)
+        print(f"model saved to {path}", flush=True)
+    writer.close()
+    summary = {"script": script, "game": game_name(rom), "exp_name": args.exp_name, "seed": args.seed,
+               "global_step": global_step, "wall_time_s": time.time() - start_time, "eval_returns": scores,
+               "dataset": {"runs": runs, "checkpoints": len(records), "transitions": sum(r["rows"] for r in records)},
+               "args": vars(args)}
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:  # written last: marks a finished run
+        json.dump(summary, f, indent=1)
+
+
+if __name__ == "__main__":
+    cli_args = with_agent_defaults(tyro.cli(Args))
+    try:  # bad input: one line saying what is wrong, before anything is created or overwritten
+        prepared = prepare(cli_args)
+    except ValueError as error:
+        print(f"{os.path.basename(__file__)}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    main(cli_args, *prepared)

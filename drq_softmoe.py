@@ -1,0 +1,1666 @@
+"""DrQ(ε) on Atari 100k with a Soft MoE (or Top1-MoE, or a widened dense layer) as its penultimate layer.
+
+Obando-Ceron, Sokar, Willi et al., "Mixtures of Experts Unlock Parameter Scaling for Deep RL", ICML 2024: the DrQ(ε)
+curves of §5.2, Figures 12 (8 experts) and 16 (4 experts), on the Atari 100k protocol (no sticky actions, up to 30
+no-ops, a life loss is terminal for learning only). DQN with data augmentation (Yarats et al. 2021) and the epsilon
+schedule of Agarwal et al. (2021): 10-step double-Q returns, a dueling head, the Huber loss, one update per step after
+1,600 steps, targets from the online network itself, random shifts and intensity noise on s and s'.
+
+    python drq_softmoe.py --env-id Breakout --num-experts 8
+    python drq_softmoe.py --env-id Pong --num-experts 4 --total-timesteps 12500000 --eval-every 250000  # Fig. 16
+"""
+
+import collections
+import concurrent.futures
+import difflib
+import glob
+import gzip
+import json
+import math
+import os
+import random
+import re
+import signal
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Literal
+
+import ale_py
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from ale_py.vector_env import AtariVectorEnv
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    # experiment
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run directory's name)"""
+    seed: int = 1
+    """seed of numpy, torch, the replay sampler and the environments"""
+    torch_deterministic: bool = True
+    """make cuDNN deterministic (`torch.backends.cudnn.deterministic`)"""
+    cuda: bool = True
+    """use CUDA when it is available (networks, replay memory and sampling all live on the GPU)"""
+    compile: bool = False
+    """compile the training step with `torch.compile`"""
+    runs_dir: str = "runs"
+    """directory under which `{game}__{exp_name}__{seed}__{time}` run directories are created"""
+
+    # environment (Atari 100k protocol, SPEC §1)
+    env_id: str = "Breakout"
+    """the game: `Breakout`, `breakout`, `ALE/Breakout-v5` and `BreakoutNoFrameskip-v4` all work"""
+    num_envs: int = 1
+    """parallel environments in one ale-py `AtariVectorEnv` (the paper uses 1); the replay ratio is kept"""
+    total_timesteps: int = 100_000
+    """agent steps over all environments (1 agent step = 4 frames; Atari 100k; 12.5M = the paper's 50M-frame runs)"""
+    iteration_steps: int = 10_000
+    """agent steps per iteration: `charts/iteration_return` is the mean training return of each one"""
+
+    # algorithm (Table 1 of the paper, Dopamine's DrQ_eps.gin)
+    learning_rate: float = 1e-4
+    """Adam's learning rate"""
+    adam_eps: float = 1.5e-4
+    """Adam's epsilon"""
+    buffer_size: int = 1_000_000
+    """replay capacity in transitions (one 84x84 frame each); a run allocates no more than it can write (`replay_slots`)"""
+    gamma: float = 0.99
+    """discount factor"""
+    n_step: int = 10
+    """update horizon: n-step returns are built when sampling"""
+    batch_size: int = 32
+    """transitions per gradient update"""
+    replay_ratio: float = 1.0
+    """gradient updates per agent step (DrQ: one update every step)"""
+    learning_starts: int = 1_600
+    """agent steps of random play before learning starts (minimum replay history)"""
+    start_e: float = 1.0
+    """exploration epsilon during the warm-up and at its end"""
+    end_e: float = 0.01
+    """final exploration epsilon (DrQ(ε): 0.01, where DrQ used 0.1)"""
+    exploration_steps: int = 5_000
+    """agent steps over which epsilon decays linearly, counted after `learning_starts`"""
+    loss: Literal["huber", "mse"] = "huber"
+    """TD loss: DrQ(ε) uses the Huber loss"""
+    dueling: bool = True
+    """dueling head: value + advantage - mean advantage over actions"""
+    augmentation: bool = True
+    """DrQ's augmentation of s and s' in every update: replicate-pad 4, random 84x84 crop, intensity noise"""
+
+    # network and mixture of experts (SPEC §2-3)
+    encoder: Literal["impala", "nature"] = "impala"
+    """convolutional encoder: Impala ResNet (the paper's default) or the Nature CNN (Figure 7)"""
+    encoder_scale: int = 1
+    """width multiplier of the Impala encoder's channels (16, 32, 32)"""
+    impala_filter_size: Literal[3, 4, 6] = 3
+    """convolution filter size of the Impala encoder (Figure 18 uses 4 and 6)"""
+    moe_type: Literal["softmoe", "top1", "baseline"] = "softmoe"
+    """penultimate layer: Soft MoE, Top1-MoE, or the dense baseline widened to 512 x num_experts units"""
+    num_experts: int = 8
+    """number of experts (for `baseline`: the width multiplier of its dense layer; 1 is plain DrQ(ε))"""
+    tokenization: Literal["perconv", "perfeat", "persamp"] = "perconv"
+    """how the encoder output becomes tokens (Figure 6): per position, per feature map, or one per sample"""
+    expert_hidden: int = 512
+    """hidden units of each expert (and of the baseline's dense layer before widening)"""
+    expert_hidden_divide: bool = False
+    """divide each expert's hidden units by the number of experts (Figure 5)"""
+    random_phi: bool = False
+    """Soft MoE: redraw the slot parameters Phi from N(0, 1) at every forward pass instead of learning them (Figure 8)"""
+    moe_l2_norm: bool = False
+    """Soft MoE: l2-normalise tokens and Phi, with a learned scale (Puigcerver et al. 2023; Figure 13)"""
+    load_balancing_coef: float = 0.0
+    """Top1-MoE: weight of the importance and load losses of Ruiz et al. 2021 (Figure 9 uses 1.0)"""
+    expert_variant: Literal["regular", "big", "all"] = "regular"
+    """Soft MoE placement (Figure 13): penultimate layer, whole network per expert, or one per layer; shared head"""
+
+    # logging, evaluation and outputs
+    log_every: int = 1_000
+    """agent steps between loss/SPS scalars in TensorBoard"""
+    metrics_every: int = 10_000
+    """agent steps between the analysis metrics of Figure 10 (dormant neurons, srank, eNTK, routing); 0 = never"""
+    print_every: int = 10_000
+    """agent steps between progress lines when stdout is not a terminal"""
+    save_replay: str = ""
+    """write the final replay to `{dir}/{Game}/{run}/replay_logs/` in the DQN Replay Dataset layout, for cql_softmoe.py"""
+    save_model: bool = False
+    """save the final network to `{run_dir}/model.pt`"""
+    eval_episodes: int = 100
+    """episodes of each evaluation, all at once in one vector env, each to its game over (0 = no evaluation)"""
+    eval_every: int = 0
+    """agent steps between evaluations during training (0 = only after training; the 50M-frame runs use 250,000)"""
+    eval_epsilon: float = 0.001
+    """exploration epsilon during evaluation"""
+
+    # checkpoints (long runs, preemption)
+    checkpoint_every: int = 0
+    """agent steps between complete checkpoints in `{run_dir}/checkpoints/` (0 = only when stopped by SIGTERM/SIGUSR1/SIGUSR2)"""
+    checkpoint_keep: int = 1
+    """how many of the newest checkpoints to keep"""
+    checkpoint_replay: bool = True
+    """include the replay memory (0.71 GB for a 100k run); without it a resumed run refills it before learning again"""
+    resume: str = ""
+    """continue a run: a checkpoint file, a run directory, or `auto` (the newest unfinished run of this game, exp_name and seed)"""
+
+
+# === shared: environment ===
+def resolve_rom(env_id: str) -> str:
+    """Map `Breakout`, `breakout`, `ALE/Breakout-v5`, `BreakoutNoFrameskip-v4` or `space_invaders` to a ROM id."""
+    name = re.sub(r"(NoFrameskip|Deterministic)?-v\d+$", "", env_id.split("/")[-1])
+    roms = {rom.replace("_", ""): rom for rom in ale_py.roms.get_all_rom_ids()}
+    key = re.sub(r"[^a-z0-9]", "", name.lower())
+    if key in roms:
+        return roms[key]
+    close = [roms[k] for k in difflib.get_close_matches(key, list(roms), n=4, cutoff=0.5)]
+    hint = f"closest ROM ids: {', '.join(close)}" if close else "see `ale_py.roms.get_all_rom_ids()`"
+    raise ValueError(f"unknown game {env_id!r}; {hint}")
+
+
+def game_name(rom: str) -> str:
+    """`space_invaders` -> `SpaceInvaders`, the name used in run directories and score tables."""
+    return "".join(part.capitalize() for part in rom.split("_"))
+
+
+def make_env(rom: str, num_envs: int, protocol: str, max_episode_frames: int = 108_000) -> AtariVectorEnv:
+    """ale-py's C++ vector env, every setting explicit: its defaults are neither protocol (SPEC §1)."""
+    atari100k = protocol == "atari100k"
+    return AtariVectorEnv(
+        rom,
+        num_envs,
+        repeat_action_probability=0.0 if atari100k else 0.25,  # sticky actions (Machado et al. 2018)
+        noop_max=30 if atari100k else 0,
+        use_fire_reset=False,
+        reward_clipping=False,  # logged returns are game scores; the learner clips
+        episodic_life=False,  # True would restart the whole game at every life loss
+        life_loss_info=False,  # life losses are read from info["lives"] where the protocol needs them
+        max_num_frames_per_episode=max_episode_frames,  # 108k frames = 27k agent steps, a truncation
+        frameskip=4,
+        maxpool=True,
+        stack_num=4,
+        img_height=84,
+        img_width=84,
+        grayscale=True,
+        full_action_space=False,
+        autoreset_mode="NextStep",  # the step after a game over returns the first frame of the next one
+    )
+# === end shared ===
+
+
+# === shared: atari100k ===
+# random and human scores of reference/atari_scores.csv, by ROM id, for the human-normalised score (SPEC §8); games
+# without a human score (AirRaid, Carnival, Defender, ElevatorAction, JourneyEscape, Pooyan, Surround) are left out
+ATARI_SCORES = {
+    "alien": (227.8, 7127.7), "amidar": (5.8, 1719.5), "assault": (222.4, 742.0), "asterix": (210.0, 8503.3),
+    "asteroids": (719.1, 47388.7), "atlantis": (12850.0, 29028.1), "bank_heist": (14.2, 753.1),
+    "battle_zone": (2360.0, 37187.5), "beam_rider": (363.9, 16926.5), "berzerk": (123.7, 2630.4),
+    "bowling": (23.1, 160.7), "boxing": (0.1, 12.1), "breakout": (1.7, 30.5), "centipede": (2090.9, 12017.0),
+    "chopper_command": (811.0, 7387.8), "crazy_climber": (10780.5, 35829.4), "demon_attack": (152.1, 1971.0),
+    "double_dunk": (-18.6, -16.4), "enduro": (0.0, 860.5), "fishing_derby": (-91.7, -38.7), "freeway": (0.0, 29.6),
+    "frostbite": (65.2, 4334.7), "gopher": (257.6, 2412.5), "gravitar": (173.0, 3351.4), "hero": (1027.0, 30826.4),
+    "ice_hockey": (-11.2, 0.9), "jamesbond": (29.0, 302.8), "kangaroo": (52.0, 3035.0), "krull": (1598.0, 2665.5),
+    "kung_fu_master": (258.5, 22736.3), "montezuma_revenge": (0.0, 4753.3), "ms_pacman": (307.3, 6951.6),
+    "name_this_game": (2292.3, 8049.0), "phoenix": (761.4, 7242.6), "pitfall": (-229.4, 6463.7), "pong": (-20.7, 14.6),
+    "private_eye": (24.9, 69571.3), "qbert": (163.9, 13455.0), "riverraid": (1338.5, 17118.0),
+    "road_runner": (11.5, 7845.0), "robotank": (2.2, 11.9), "seaquest": (68.4, 42054.7), "skiing": (-17098.1, -4336.9),
+    "solaris": (1236.3, 12326.7), "space_invaders": (148.0, 1668.7), "star_gunner": (664.0, 10250.0),
+    "tennis": (-23.8, -8.3), "time_pilot": (3568.0, 5229.2), "tutankham": (11.4, 167.6), "up_n_down": (533.4, 11693.2),
+    "venture": (0.0, 1187.5), "video_pinball": (0.0, 17667.9), "wizard_of_wor": (563.5, 4756.5),
+    "yars_revenge": (3092.9, 54576.9), "zaxxon": (32.5, 9173.3),
+}
+
+
+def human_normalized_score(rom: str, scores) -> float | None:
+    """Mean over episodes of (score - random) / (human - random); None for a game without a human score."""
+    if rom not in ATARI_SCORES or len(scores) == 0:
+        return None
+    random_score, human_score = ATARI_SCORES[rom]
+    return float(np.mean([(score - random_score) / (human_score - random_score) for score in scores]))
+
+
+class LifeLoss:
+    """Atari 100k: losing a life is terminal for learning only (SPEC §1), read from `info["lives"]` decreasing.
+
+    The game goes on, but as Dopamine's runner ends and begins an agent episode at each life loss (zeroing the agent's
+    state), the acting stack restarts with the next life: `acting(obs)` zeroes the env's frames of earlier lives, so
+    acting sees exactly the stacks the replay rebuilds (it zeroes frames before a `terminal` or `last` slot).
+    """
+
+    def __init__(self, lives: np.ndarray, stack: int = 4):
+        self.lives = np.array(lives, dtype=np.int64)  # lives after the last step
+        self.frames = np.ones(len(self.lives), dtype=np.int64)  # frames of the current life in the next acting stack
+        self.stack = stack
+
+    def step(self, lives: np.ndarray, terminations: np.ndarray, was_done: np.ndarray) -> np.ndarray:
+        """After a vector-env step: returns `terminal` for the replay (a game over, or a life lost in this step; the
+        lives a reset step reports are the next game's, not a loss) and counts the frames of the next stack's life."""
+        lost = (np.asarray(lives) < self.lives) & ~was_done
+        terminal = terminations | lost
+        self.frames = np.where(terminal | was_done, 1, np.minimum(self.frames + 1, self.stack))
+        self.lives = np.array(lives, dtype=np.int64)
+        return terminal
+
+    def acting(self, obs: np.ndarray) -> np.ndarray:
+        """(N, stack, 84, 84) observations with the frames of earlier lives and episodes set to zero."""
+        keep = np.arange(self.stack) >= self.stack - self.frames[:, None]  # (N, stack): the newest `frames` frames
+        return obs * keep[:, :, None, None].astype(obs.dtype)
+
+    def state_dict(self) -> dict:
+        return {"lives": torch.as_tensor(self.lives), "frames": torch.as_tensor(self.frames)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lives, self.frames = state["lives"].numpy().copy(), state["frames"].numpy().copy()
+# === end shared ===
+
+
+# === shared: encoders ===
+def same_pad(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> torch.Tensor:
+    """TensorFlow 'SAME' padding: output size ceil(in/stride); an odd total pad puts the extra pixel bottom/right."""
+    pads = []
+    for size in (x.shape[-1], x.shape[-2]):
+        total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads, value=value)
+
+
+def xavier_uniform_(weight: torch.Tensor, groups: int = 1) -> None:
+    """Glorot-uniform with fans counted inside one group, so each of `groups` experts is initialised as Flax would."""
+    receptive = weight[0, 0].numel()
+    bound = math.sqrt(6.0 / (weight.shape[1] * receptive + weight.shape[0] // groups * receptive))
+    nn.init.uniform_(weight, -bound, bound)
+
+
+def lecun_normal_(weight: torch.Tensor) -> None:
+    """Flax's default kernel init: truncated normal (+-2 std) whose std is 1/sqrt(fan_in) after truncation."""
+    std = 1.0 / math.sqrt(weight[0].numel()) / 0.87962566103423978
+    nn.init.trunc_normal_(weight, 0.0, std, -2 * std, 2 * std)
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv2d with TF-'SAME' padding and the official initialisation (zero bias)."""
+
+    def __init__(self, in_channels, out_channels, kernel, stride=1, groups=1, init="xavier"):
+        super().__init__(in_channels, out_channels, kernel, stride, padding=0, groups=groups)
+        if init == "xavier":
+            xavier_uniform_(self.weight, groups)
+        else:
+            lecun_normal_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x):
+        return super().forward(same_pad(x, self.kernel_size[0], self.stride[0]))
+
+
+class ImpalaStack(nn.Module):
+    """conv -> 3x3/2 max-pool -> 2 residual blocks [ReLU, conv, ReLU, conv] + input (Espeholt et al. 2018)."""
+
+    def __init__(self, in_channels, channels, filter_size, groups=1):
+        super().__init__()
+        self.conv = SameConv2d(in_channels, channels, filter_size, groups=groups)
+        self.blocks = nn.ModuleList(
+            nn.ModuleList(SameConv2d(channels, channels, filter_size, groups=groups, init="lecun") for _ in range(2))
+            for _ in range(2)
+        )
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = F.max_pool2d(same_pad(x, 3, 2, value=-math.inf), 3, 2)  # -inf: padding never wins the max
+        for conv_a, conv_b in self.blocks:
+            x = x + conv_b(F.relu(conv_a(F.relu(x))))
+        return x
+
+
+class ImpalaEncoder(nn.Module):
+    """Impala ResNet of the official code: channels (16, 32, 32) x scale, 84 -> 42 -> 21 -> 11 (SPEC §2).
+
+    `groups` > 1 runs that many independent encoders side by side (grouped convolutions), one per expert.
+    """
+
+    def __init__(self, in_channels=4, scale=1, filter_size=3, groups=1):
+        super().__init__()
+        channels = [c * scale * groups for c in (16, 32, 32)]
+        inputs = [in_channels * groups] + channels[:-1]
+        self.stages = nn.ModuleList(ImpalaStack(i, c, filter_size, groups) for i, c in zip(inputs, channels))
+        self.out_channels = channels[-1] // groups
+
+    def stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages[index](x)
+        return F.relu(x) if index == len(self.stages) - 1 else x  # a ReLU after the last stack
+
+    def forward(self, x):
+        for index in range(len(self.stages)):
+            x = self.stage(index, x)
+        return x
+
+
+class NatureEncoder(nn.Module):
+    """Nature CNN (Mnih et al. 2015) with TF-'SAME' padding: 84 -> 21 -> 11 -> 11, 11x11x64 out (SPEC §2)."""
+
+    def __init__(self, in_channels=4, groups=1):
+        super().__init__()
+        specs = [(in_channels, 32, 8, 4), (32, 64, 4, 2), (64, 64, 3, 1)]
+        self.stages = nn.ModuleList(SameConv2d(i * groups, o * groups, k, s, groups) for i, o, k, s in specs)
+        self.out_channels = 64
+
+    def stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.stages[index](x))
+
+    def forward(self, x):
+        for index in range(len(self.stages)):
+            x = self.stage(index, x)
+        return x
+
+
+def make_encoder(name: str, scale: int, filter_size: int, groups: int = 1) -> nn.Module:
+    if name == "impala":
+        return ImpalaEncoder(4, scale, filter_size, groups)
+    return NatureEncoder(4, groups)
+# === end shared ===
+
+
+# === shared: tokenize ===
+def tokenize(x: torch.Tensor, tokenization: str) -> torch.Tensor:
+    """Encoder output (B, C, H, W) -> tokens (B, m, d) per sample (§3, Figure 3); tokens never mix samples."""
+    if tokenization == "perconv":
+        return x.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C): one token per position
+    if tokenization == "perfeat":
+        return x.flatten(2)  # (B, C, H, W) -> (B, C, H*W): one token per feature map
+    return x.flatten(1).unsqueeze(1)  # (B, C, H, W) -> (B, 1, C*H*W): the whole sample is one token
+
+
+def num_tokens_and_dim(channels: int, height: int, width: int, tokenization: str) -> tuple[int, int]:
+    """(m, d) that `tokenize` produces for an encoder output of that shape."""
+    return {"perconv": (height * width, channels), "perfeat": (channels, height * width)}.get(
+        tokenization, (1, channels * height * width)
+    )
+# === end shared ===
+
+
+# === shared: Experts ===
+class Experts(nn.Module):
+    """`num_experts` independent MLPs d -> hidden -> ReLU -> d, all run at once with batched matmuls.
+
+    Input (B, n, p, d): expert i gets its p slots. Returns the outputs and the hidden activations.
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden: int):
+        super().__init__()
+        bound = math.sqrt(6.0 / (dim + hidden))  # Glorot-uniform per expert, as the official ExpertModel
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden).uniform_(-bound, bound))
+        self.b1 = nn.Parameter(torch.zeros(num_experts, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim).uniform_(-bound, bound))
+        self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = F.relu(torch.einsum("bnpd,ndh->bnph", x, self.w1) + self.b1[:, None])
+        return torch.einsum("bnph,nhd->bnpd", hidden, self.w2) + self.b2[:, None], hidden
+# === end shared ===
+
+
+# === shared: SoftMoE ===
+def l2_normalize(x: torch.Tensor, dim: int, eps: float = 1e-6) -> torch.Tensor:
+    return x / (x.norm(dim=dim, keepdim=True) + eps)
+
+
+class SoftMoE(nn.Module):
+    """Soft MoE (Puigcerver et al. 2023) as written in the paper's §2.2.
+
+    Logits L = X Phi (m x n*p); dispatch D = softmax of L over the m tokens, combine C = softmax of L over all
+    n*p slots; slot inputs D^T X go to the experts (p slots each), outputs Y = C Y~. Returns (Y, info).
+    """
+
+    def __init__(self, num_tokens, dim, num_experts, experts, l2_norm=False, random_phi=False):
+        super().__init__()
+        self.num_experts = num_experts
+        self.slots_per_expert = math.ceil(num_tokens / num_experts)  # capacity factor 1: 121 tokens -> 16 slots for 8
+        self.dim, self.l2_norm, self.random_phi = dim, l2_norm, random_phi
+        self.experts = experts
+        num_slots = num_experts * self.slots_per_expert
+        if not random_phi:
+            std = 1.0 / math.sqrt(num_experts * dim) / 0.87962566103423978  # lecun-normal over fan-in n*d
+            self.phi = nn.Parameter(nn.init.trunc_normal_(torch.empty(dim, num_slots), 0.0, std, -2 * std, 2 * std))
+        if l2_norm:
+            self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        batch, n, p = tokens.shape[0], self.num_experts, self.slots_per_expert
+        if self.random_phi:  # Figure 8 (right): Phi ~ N(0, 1), redrawn at every call and never learned
+            phi = torch.randn(self.dim, n * p, device=tokens.device, dtype=tokens.dtype)
+        else:
+            phi = self.phi
+        if self.l2_norm:
+            logits = l2_normalize(tokens, -1) @ (self.scale * l2_normalize(phi, 0))
+        else:
+            logits = tokens @ phi  # (B, m, d) @ (d, n*p) -> (B, m, n*p)
+        dispatch = logits.softmax(dim=1)  # each slot: a convex mix of the m tokens
+        combine = logits.softmax(dim=2)  # each token: a convex mix of all n*p slot outputs
+        slots = dispatch.transpose(1, 2) @ tokens  # (B, n*p, m) @ (B, m, d) -> (B, n*p, d), un-normalised X
+        outputs, hidden = self.experts(slots.view(batch, n, p, -1))
+        y = combine @ outputs.reshape(batch, n * p, -1)  # (B, m, n*p) @ (B, n*p, d) -> (B, m, d)
+        expert_mass = combine.view(*combine.shape[:2], n, p).sum(-1)  # (B, m, n): each token's weight per expert
+        return y, {"hidden": hidden, "hidden_mask": None, "expert_mass": expert_mass}
+# === end shared ===
+
+
+# === shared: Top1MoE ===
+def cv_squared(x: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation over the last axis (population std), as vmoe/Dopamine compute it."""
+    return (x.std(-1, unbiased=False) / x.mean(-1)) ** 2
+
+
+class Top1MoE(nn.Module):
+    """Switch-style top-1 routing (Fedus et al. 2022): capacity ceil(m/n) tokens per expert per sample, filled in
+    token order; overflow tokens output exactly zero, kept outputs are scaled by their gate probability.
+
+    Static shapes only (one-hot positions from a cumsum), so it can be captured in a CUDA graph.
+    """
+
+    def __init__(self, num_tokens, dim, num_experts, experts, load_balancing=False):
+        super().__init__()
+        self.num_experts, self.capacity = num_experts, math.ceil(num_tokens / num_experts)
+        self.router = nn.Linear(dim, num_experts, bias=False)
+        lecun_normal_(self.router.weight)  # the official router is a Flax Dense with its default init
+        self.experts = experts
+        self.load_balancing = load_balancing
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        n, capacity = self.num_experts, self.capacity
+        logits = self.router(tokens).float()  # (B, m, n), softmax in float32
+        probs = logits.softmax(-1)
+        gate, expert = probs.max(-1)  # (B, m)
+        chosen = (expert[..., None] == torch.arange(n, device=tokens.device)).to(tokens.dtype)  # (B, m, n)
+        position = ((chosen.cumsum(1) - 1) * chosen).sum(-1).long()  # place of each token in its expert's queue
+        kept = position < capacity
+        slot = (position[..., None] == torch.arange(capacity, device=tokens.device)) & kept[..., None]  # (B, m, c)
+        dispatch = chosen[..., None] * slot[:, :, None, :].to(tokens.dtype)  # (B, m, n, c)
+        expert_inputs = torch.einsum("bmnc,bmd->bncd", dispatch, tokens)
+        outputs, hidden = self.experts(expert_inputs)
+        y = torch.einsum("bmnc,bncd->bmd", dispatch, outputs) * gate[..., None].to(tokens.dtype)
+        info = {"hidden": hidden, "hidden_mask": dispatch.sum(1), "expert_mass": chosen, "gate_probs": probs}
+        info["dropped"] = 1.0 - kept.float().mean()
+        if self.load_balancing:
+            info["aux_loss"] = self.importance_loss(probs) + self.load_loss(logits)
+        return y, info
+
+    def importance_loss(self, probs: torch.Tensor) -> torch.Tensor:
+        """CV^2 over experts of the summed gate probabilities of a sample (Ruiz et al. 2021, eq. 7)."""
+        return cv_squared(probs.sum(1)).mean()
+
+    def load_loss(self, logits: torch.Tensor) -> torch.Tensor:
+        """CV^2 of each expert's probability of being selected under re-drawn noise of std 1/n (Ruiz et al. 2021)."""
+        noise_std = 1.0 / self.num_experts
+        threshold = (logits + noise_std * torch.randn_like(logits)).max(-1, keepdim=True).values
+        p_selected = 1.0 - torch.special.ndtr((threshold - logits) / noise_std)
+        return cv_squared(p_selected.mean(1)).mean()
+# === end shared ===
+
+
+# === shared: PerSampSoftMoE ===
+class PerSampSoftMoE(nn.Module):
+    """Soft MoE on a single PerSamp token with one slot per expert, for the 'big' and 'all' variants (§5.3).
+
+    With m = 1 the dispatch softmax is exactly 1, so every expert sees the whole input; the combine weights
+    softmax_n(x Phi) mix the experts' outputs (B, n, ...), which the caller computes on that same input.
+    """
+
+    def __init__(self, in_features, num_experts, l2_norm=False, random_phi=False):
+        super().__init__()
+        self.in_features, self.num_experts, self.l2_norm, self.random_phi = in_features, num_experts, l2_norm, random_phi
+        if not random_phi:
+            std = 1.0 / math.sqrt(num_experts * in_features) / 0.87962566103423978
+            self.phi = nn.Parameter(nn.init.trunc_normal_(torch.empty(in_features, num_experts), 0.0, std, -2 * std, 2 * std))
+        if l2_norm:
+            self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, token: torch.Tensor, expert_outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.random_phi:
+            phi = torch.randn(self.in_features, self.num_experts, device=token.device, dtype=token.dtype)
+        else:
+            phi = self.phi
+        if self.l2_norm:
+            logits = l2_normalize(token, -1) @ (self.scale * l2_normalize(phi, 0))
+        else:
+            logits = token @ phi  # (B, D) @ (D, n) -> (B, n)
+        combine = logits.softmax(-1)
+        return torch.einsum("bn,bn...->b...", combine, expert_outputs), combine
+
+
+class GroupedLinear(nn.Module):
+    """`groups` independent dense layers applied to (B, groups, in) at once; Glorot-uniform, zero bias."""
+
+    def __init__(self, groups, in_features, out_features):
+        super().__init__()
+        bound = math.sqrt(6.0 / (in_features + out_features))
+        self.weight = nn.Parameter(torch.empty(groups, in_features, out_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.zeros(groups, out_features))
+
+    def forward(self, x):
+        return torch.einsum("bgi,gio->bgo", x, self.weight) + self.bias
+# === end shared ===
+
+
+def xavier_linear(in_features: int, out_features: int) -> nn.Linear:
+    """A dense layer with the official init: Glorot-uniform weight, zero bias (Flax Dense with xavier_uniform)."""
+    layer = nn.Linear(in_features, out_features)
+    xavier_uniform_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class QNetwork(nn.Module):
+    """Encoder -> penultimate layer (baseline dense, Soft MoE or Top1-MoE) -> dueling Q head: the official
+    FullRainbowMoENetwork with DrQ(ε)'s settings (no noise, one atom), so Q = value + advantage - mean advantage.
+
+    `forward(x)` takes frames (B, 4, 84, 84), uint8 or the float output of `augment` (same 0-255 scale), and returns
+    Q-values (B, A); with `return_info` also the head's input `features` and what the analysis metrics need (hidden
+    activations, routing, auxiliary losses).
+    """
+
+    def __init__(self, args: Args, num_actions: int):
+        super().__init__()
+        self.args, n = args, args.num_experts
+        hidden = args.expert_hidden // n if args.expert_hidden_divide else args.expert_hidden
+        channels = 32 * args.encoder_scale if args.encoder == "impala" else 64
+        flat = channels * 11 * 11
+        if args.expert_variant == "regular":
+            self.encoder = make_encoder(args.encoder, args.encoder_scale, args.impala_filter_size)
+            if args.moe_type == "baseline":  # widened by num_experts to match the MoE's parameters (Figure 1)
+                self.dense = xavier_linear(flat, hidden * n)
+                features = hidden * n
+            else:
+                m, d = num_tokens_and_dim(channels, 11, 11, args.tokenization)
+                if args.moe_type == "softmoe":
+                    self.moe = SoftMoE(m, d, n, Experts(n, d, hidden), args.moe_l2_norm, args.random_phi)
+                else:
+                    self.moe = Top1MoE(m, d, n, Experts(n, d, hidden), args.load_balancing_coef > 0)
+                features = m * d  # no ReLU and no extra dense layer after the MoE (official code)
+        else:  # 'big' and 'all' (§5.3): n networks side by side; the dueling head is shared, as Rainbow's (official)
+            self.encoder = make_encoder(args.encoder, args.encoder_scale, args.impala_filter_size, groups=n)
+            self.dense = GroupedLinear(n, flat, hidden)
+            moe = lambda size: PerSampSoftMoE(size, n, args.moe_l2_norm, args.random_phi)
+            if args.expert_variant == "big":  # one Soft MoE routing the input frames to whole networks
+                self.big_moe = moe(4 * 84 * 84)
+            else:  # 'all': a Soft MoE at every layer but the last, each mixing n copies of that layer
+                x, sizes = torch.zeros(1, 4 * n, 84, 84), []
+                with torch.no_grad():
+                    for i in range(len(self.encoder.stages)):
+                        sizes.append(x[0].numel() // n)
+                        x = self.encoder.stage(i, x)
+                self.stage_moes = nn.ModuleList(moe(size) for size in sizes)
+                self.dense_moe = moe(flat)
+            features = hidden
+        if args.dueling:  # value and advantage streams (Wang et al. 2016)
+            self.value = xavier_linear(features, 1)
+            self.advantage = xavier_linear(features, num_actions)
+        else:
+            self.head = xavier_linear(features, num_actions)
+
+    def forward(self, x: torch.Tensor, return_info: bool = False):
+        x = x.float() / 255.0
+        batch, n, variant = x.shape[0], self.args.num_experts, self.args.expert_variant
+        if variant == "regular":
+            h = self.encoder(x)
+            if self.args.moe_type == "baseline":
+                features = F.relu(self.dense(h.flatten(1)))
+                info = {"hidden": features[:, None, None], "hidden_mask": None}
+            else:
+                y, info = self.moe(tokenize(h, self.args.tokenization))
+                features = y.flatten(1)
+        elif variant == "big":
+            h = self.encoder(x.repeat(1, n, 1, 1)).view(batch, n, -1)  # (B, n*C, 11, 11) -> (B, n, C*121)
+            hidden = F.relu(self.dense(h))
+            features, combine = self.big_moe(x.flatten(1), hidden)  # (B, n, h) mixed per sample -> (B, h)
+        else:
+            for i, stage_moe in enumerate(self.stage_moes):
+                y = self.encoder.stage(i, x.repeat(1, n, 1, 1))  # n copies of layer i on the same input
+                x, _ = stage_moe(x.flatten(1), y.view(batch, n, -1, *y.shape[-2:]))
+            hidden = F.relu(self.dense(x.flatten(1).unsqueeze(1).expand(-1, n, -1)))
+            features, combine = self.dense_moe(x.flatten(1), hidden)
+        if variant != "regular":
+            info = {"hidden": hidden[:, :, None], "hidden_mask": None, "expert_mass": combine[:, None]}
+        if self.args.dueling:
+            advantage = self.advantage(features)  # (B, A)
+            q = self.value(features) + advantage - advantage.mean(1, keepdim=True)
+        else:
+            q = self.head(features)
+        if return_info:
+            info["features"] = features
+            return q, info
+        return q
+
+    def q_values(self, x: torch.Tensor) -> torch.Tensor:
+        """Q-values (B, A), what acting and evaluation maximise."""
+        return self(x)
+
+
+# === shared: ReplayBuffer ===
+class ReplayBuffer:
+    """Circular replay storing ONE 84x84 frame per agent step per env (SPEC §5): 1M transitions take 7.07 GB.
+
+    Slot t of env e holds the newest frame of the observation the agent acted on, the action, the raw reward,
+    `terminal` (stop bootstrapping after this transition) and `last` (the slot holds an episode's final
+    observation and no transition starts from it). Stacks of 4 frames are rebuilt when sampling, zeroing frames
+    of an earlier episode; n-step returns are built when sampling and stop at a terminal or an episode's end.
+    Everything lives on `device`, so on a GPU sampling never touches the host.
+    """
+
+    def __init__(self, capacity, num_envs, device, n_step=1, gamma=0.99, stack=4, frame_shape=(84, 84), seed=0):
+        self.size, self.num_envs = capacity // num_envs, num_envs  # slots per env
+        if self.size <= n_step + stack:
+            raise ValueError(f"--buffer-size {capacity} is too small for {num_envs} envs and n-step {n_step}")
+        self.device, self.n_step, self.gamma, self.stack = device, n_step, gamma, stack
+        self.frames = torch.zeros((self.size, num_envs, *frame_shape), dtype=torch.uint8, device=device)
+        self.actions = torch.zeros((self.size, num_envs), dtype=torch.uint8, device=device)
+        self.rewards = torch.zeros((self.size, num_envs), dtype=torch.float32, device=device)
+        self.terminals = torch.zeros((self.size, num_envs), dtype=torch.bool, device=device)
+        self.last = torch.zeros((self.size, num_envs), dtype=torch.bool, device=device)
+        self.t = 0  # slots written per env so far (the write cursor is t % size)
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+        self.discounts = gamma ** torch.arange(n_step + 1, dtype=torch.float32, device=device)
+
+    @staticmethod
+    def nbytes(capacity, frame_shape=(84, 84)) -> int:
+        """Bytes of the storage for `capacity` transitions, computed without allocating it."""
+        return capacity * (math.prod(frame_shape) + 1 + 4 + 1 + 1)  # frame, action, reward, terminal, last
+
+    def add(self, frames, actions, rewards, terminals, last):
+        """Write one slot for every env: frames (N, 84, 84) uint8, the rest (N,)."""
+        slot = self.t % self.size
+        self.frames[slot] = torch.as_tensor(frames, device=self.device)
+        self.actions[slot] = torch.as_tensor(actions, device=self.device).to(torch.uint8)
+        self.rewards[slot] = torch.as_tensor(rewards, device=self.device, dtype=torch.float32)
+        self.terminals[slot] = torch.as_tensor(terminals, device=self.device)
+        self.last[slot] = torch.as_tensor(last, device=self.device)
+        self.t += 1
+
+    def valid_range(self) -> tuple[int, int]:
+        """Logical slots [lo, hi] a sample may start at: its stack is not overwritten, its n-step window is written."""
+        lo = max(0, self.t - self.size + self.stack - 1)
+        return lo, self.t - self.n_step - 1
+
+    def can_sample(self) -> bool:
+        lo, hi = self.valid_range()
+        return hi > lo  # two starts at least, so the fallback of `sample_indices` stays within [lo, hi]
+
+    def sample_indices(self, batch_size, candidates=16):
+        """Uniform over valid starts without host synchronisation: per sample, the first of `candidates` uniform
+        draws whose slot is not `last`. If all draws hit final observations (probability below 1e-16 once episodes
+        are longer than 10 steps) the slot before the first draw is used, the last transition of its episode."""
+        lo, hi = self.valid_range()
+        starts = torch.randint(lo, hi + 1, (batch_size, candidates), generator=self.generator, device=self.device)
+        envs = torch.randint(0, self.num_envs, (batch_size, candidates), generator=self.generator, device=self.device)
+        ok = ~self.last[starts % self.size, envs]
+        pick = ok.float().argmax(1, keepdim=True)  # first valid draw
+        idx, envs = starts.gather(1, pick).squeeze(1), envs.gather(1, pick).squeeze(1)
+        missed = ~ok.any(1)
+        return torch.where(missed, torch.where(idx > lo, idx - 1, idx + 1), idx), envs
+
+    def stack_frames(self, idx, envs):
+        """(B,) logical slots -> (B, stack, 84, 84) uint8, frames before the episode's first one set to zero.
+
+        An episode ends at a `last` slot or after a `terminal` transition: with life losses as terminals
+        (atari100k), the agent's stack restarts at each life, as Dopamine's runner begins a new agent episode.
+        """
+        offsets = torch.arange(-self.stack + 1, 1, device=self.device)
+        slots = idx[:, None] + offsets  # (B, stack), oldest first
+        frames = self.frames[slots % self.size, envs[:, None]]
+        ended = self.last[slots % self.size, envs[:, None]] | self.terminals[slots % self.size, envs[:, None]] | (slots < 0)
+        # frame j belongs to an earlier episode if any slot in [j, idx - 1] ended one
+        earlier = ended.flip(1).cumsum(1).flip(1) - ended[:, -1:].long() > 0
+        return frames * ~earlier[..., None, None]
+
+    def gather(self, idx, envs):
+        """Batch for starts idx: states, actions, n-step clipped returns, bootstrap discounts, next states."""
+        k = torch.arange(self.n_step, device=self.device)
+        slots = (idx[:, None] + k) % self.size
+        rewards = self.rewards[slots, envs[:, None]].clamp(-1.0, 1.0)  # reward clipping inside the agent
+        terminal = self.terminals[slots, envs[:, None]]
+        ends = self.last[(idx[:, None] + k + 1) % self.size, envs[:, None]]
+        stop = terminal | ends  # the episode (or, at a life loss, bootstrapping) stops after step k
+        alive = (stop.cumsum(1) - stop.long()) == 0  # steps taken before the first stop, and the stop itself
+        returns = (rewards * alive * self.discounts[:-1]).sum(1)
+        steps = alive.sum(1)
+        done = (terminal & alive).any(1)
+        discounts = self.discounts[steps] * ~done
+        states = self.stack_frames(idx, envs)
+        next_states = self.stack_frames(idx + steps, envs)
+        return states, self.actions[idx % self.size, envs].long(), returns, discounts, next_states
+
+    def sample(self, batch_size):
+        return self.gather(*self.sample_indices(batch_size))
+
+    def state_dict(self) -> dict:
+        """Contents and sampler state; only the written part when not yet full (a slice would save everything)."""
+        filled = min(self.t, self.size)
+        keep = (lambda x: x) if filled == self.size else (lambda x: x[:filled].clone())
+        names = ["frames", "actions", "rewards", "terminals", "last"]
+        return {"t": self.t, "generator": self.generator.get_state(), **{k: keep(getattr(self, k)) for k in names}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["frames"].shape[1:] != self.frames.shape[1:] or state["frames"].shape[0] > self.size:
+            raise ValueError(f"replay of shape {tuple(state['frames'].shape)} does not fit this run's replay {tuple(self.frames.shape)}")
+        for k in ["frames", "actions", "rewards", "terminals", "last"]:
+            getattr(self, k)[: state[k].shape[0]] = state[k].to(self.device)
+        self.t = state["t"]
+        self.generator.set_state(state["generator"])
+# === end shared ===
+
+
+# === shared: dopamine_dataset ===
+DATASET_ARRAYS = {"observation": np.uint8, "action": np.int32, "reward": np.float32, "terminal": np.uint8}
+DATASET_CAPACITY = 1_000_000  # transitions per checkpoint file: the replay capacity of the DQN that logged the data
+DATASET_PADDING = 3  # Dopamine starts every episode with stack_size - 1 zero transitions (OutOfGraphReplayBuffer.add)
+DATASET_FILE = re.compile(r"^(?:\$store\$_)?(observation|action|reward|terminal|add_count|invalid_range)_ckpt\.(\d+)\.gz$")
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used as it is; the message is one line naming the file or directory."""
+
+
+def dataset_file(run_dir: str, name: str, checkpoint: int, folder: str = "replay_logs") -> str:
+    """`{run_dir}/replay_logs/$store$_{name}_ckpt.{N}.gz` for the stored arrays, `{name}_ckpt.{N}.gz` for the others."""
+    prefix = "$store$_" if name in DATASET_ARRAYS else ""
+    return os.path.join(run_dir, folder, f"{prefix}{name}_ckpt.{checkpoint}.gz")
+
+
+def write_npy_gz(path: str, array: np.ndarray = None, shape=None, blocks=()) -> None:
+    """A gzip of `np.save(..., allow_pickle=False)`, as Dopamine saves each replay array; fsynced. For frames, give the
+    array's `shape` and an iterable of uint8 `blocks` instead: the same bytes, never all in memory at once."""
+    with open(path, "wb") as f:
+        with gzip.GzipFile(fileobj=f, mode="wb", compresslevel=6) as out:  # zlib's default level; Dopamine's is 9
+            if array is not None:
+                np.save(out, array, allow_pickle=False)
+            else:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
+                np.lib.format.write_array_header_1_0(out, header)  # what np.save writes before the data
+                for block in blocks:
+                    out.write(block.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_replay_dataset(rb, root: str, game: str) -> list:
+    """Write the replay's content in the DQN Replay Dataset layout (SPEC §4): `{root}/{game}/{run}/replay_logs/`, one
+    run per env, numbered from the first free number. As Dopamine's logged buffer: 3 zero transitions before each
+    episode, terminal 1 on an episode's last transition (a truncation too, as the agent that logged the public data
+    did), no final observations, the replay's rewards, checkpoint files of at most 1M transitions. A run is written
+    to `replay_logs.tmp` and renamed when complete: a crash never leaves a partial dataset under the final name."""
+    filled = min(rb.t, rb.size)
+    order = (torch.arange(rb.t - filled, rb.t) % rb.size).numpy()  # the stored slots, oldest first
+    game_dir = os.path.join(root, game)
+    os.makedirs(game_dir, exist_ok=True)
+    written = []
+    if filled == 0:
+        return written
+    for env in range(rb.num_envs):
+        terminal, last = (getattr(rb, k)[:, env].cpu().numpy()[order] for k in ("terminals", "last"))
+        ends = terminal.copy()
+        ends[:-1] |= last[1:]  # the transition before a final observation ends its episode (a truncation too)
+        begins = np.zeros_like(last)
+        begins[1:] = last[:-1] | terminal[:-1]  # Dopamine pads after every terminal (and at an atari100k life loss)
+        begins[0] = rb.t <= rb.size  # the first slot ever written starts the first episode
+        kept = np.flatnonzero(~last)  # final observations are not stored: Dopamine keeps no next observation
+        pads = DATASET_PADDING * begins[kept]
+        rows = np.arange(len(kept)) + np.cumsum(pads)  # output row of each kept slot, after its episode's padding
+        total = len(kept) + int(pads.sum())
+        source = np.full(total, -1, dtype=np.int64)  # replay slot of each output row; -1: a zero transition
+        source[rows] = order[kept]
+        arrays = {name: np.zeros(total, dtype) for name, dtype in DATASET_ARRAYS.items() if name != "observation"}
+        arrays["action"][rows] = rb.actions[:, env].cpu().numpy()[order[kept]]
+        arrays["reward"][rows] = rb.rewards[:, env].cpu().numpy()[order[kept]]
+        arrays["terminal"][rows] = ends[kept]
+        run = 1
+        while True:  # claim the first free run number (makedirs is atomic: parallel writers never share one)
+            try:
+                os.makedirs(os.path.join(game_dir, str(run)))
+                break
+            except FileExistsError:
+                run += 1
+        run_dir = os.path.join(game_dir, str(run))
+        os.makedirs(os.path.join(run_dir, "replay_logs.tmp"))
+        for checkpoint, start in enumerate(range(0, total, DATASET_CAPACITY)):
+            stop = min(start + DATASET_CAPACITY, total)
+
+            def frames(a, b, env=env):  # rows [a, b) of the output, zero frames for the padding
+                block = np.zeros((b - a, *rb.frames.shape[2:]), np.uint8)
+                real = source[a:b] >= 0
+                block[real] = rb.frames[torch.as_tensor(source[a:b][real], device=rb.device), env].cpu().numpy()
+                return block
+
+            path = lambda name: dataset_file(run_dir, name, checkpoint, "replay_logs.tmp")
+            blocks = (frames(a, min(a + 4096, stop)) for a in range(start, stop, 4096))
+            write_npy_gz(path("observation"), shape=(stop - start, *rb.frames.shape[2:]), blocks=blocks)
+            for name, array in arrays.items():
+                write_npy_gz(path(name), array[start:stop])
+            write_npy_gz(path("add_count"), np.array(stop - start, dtype=np.int64))
+            cursor = (stop - start) % DATASET_CAPACITY  # Dopamine's invalid_range(cursor, 1M, stack 4, update horizon 1)
+            write_npy_gz(path("invalid_range"), np.array([(cursor - 1 + i) % DATASET_CAPACITY for i in range(5)]))
+        os.replace(os.path.join(run_dir, "replay_logs.tmp"), os.path.join(run_dir, "replay_logs"))
+        written.append(run_dir)
+    return written
+
+
+def find_dataset_runs(root: str, game: str) -> tuple[str, dict]:
+    """`{root}/{game}` (matched ignoring case and punctuation) and its runs {number: run directory}: the numbered
+    directories that hold a `replay_logs` folder."""
+    if not os.path.isdir(root):
+        raise DatasetError(f"dataset directory {root} does not exist; download the DQN Replay Dataset (README) or pass "
+                           "--dataset-dir")
+    key = lambda name: re.sub(r"[^a-z0-9]", "", name.lower())
+    games = {key(d): d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))}
+    if key(game) not in games:
+        raise DatasetError(f"{os.path.join(root, game)} does not exist; games in {root}: {', '.join(sorted(games.values())) or 'none'}")
+    game_dir = os.path.join(root, games[key(game)])
+    runs = {int(d): os.path.join(game_dir, d) for d in os.listdir(game_dir)
+            if d.isdigit() and os.path.isdir(os.path.join(game_dir, d, "replay_logs"))}
+    if not runs:
+        raise DatasetError(f"{game_dir} holds no run directory with a replay_logs folder ({game_dir}/1/replay_logs/...)")
+    return game_dir, runs
+
+
+def dataset_read_error(path: str, error: Exception) -> DatasetError:
+    """One line for what went wrong reading `path`."""
+    if isinstance(error, DatasetError):
+        return error
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:150]
+    if isinstance(error, EOFError):
+        return DatasetError(f"{path}: truncated gzip ({reason}); download it again")
+    if isinstance(error, (OSError, zlib.error)):
+        return DatasetError(f"{path}: not a readable gzip file ({reason})")
+    if "allow_pickle" in reason:
+        return DatasetError(f"{path}: holds pickled Python objects; refused (the dataset is read with allow_pickle=False)")
+    return DatasetError(f"{path}: not a .npy array as np.save writes it ({reason})")
+
+
+def read_npy_gz(path: str) -> np.ndarray:
+    """np.load(allow_pickle=False) of a gzip file (all of it, so the gzip checksum is checked too)."""
+    try:
+        with gzip.open(path, "rb") as f:
+            return np.load(f, allow_pickle=False)
+    except Exception as error:
+        raise dataset_read_error(path, error) from None
+
+
+def read_npy_header(path: str, f=None) -> tuple:
+    """(shape, dtype, header bytes) of the gzipped .npy file `path`, read from `f` if open; like
+    np.load(allow_pickle=False), it refuses object arrays."""
+    if f is None:
+        try:
+            with gzip.open(path, "rb") as f:
+                return read_npy_header(path, f)
+        except OSError as error:
+            raise dataset_read_error(path, error) from None
+    try:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise DatasetError(f"{path}: .npy format version {version} is not supported (np.save writes 1.0)")
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read(f)
+    except Exception as error:
+        raise dataset_read_error(path, error) from None
+    if dtype.hasobject:
+        raise DatasetError(f"{path}: holds pickled Python objects; refused (the dataset is read with allow_pickle=False)")
+    if fortran_order and len(shape) > 1:
+        raise DatasetError(f"{path}: a Fortran-ordered array; np.save of the replay writes C order")
+    return shape, dtype, f.tell()
+
+
+def scan_dataset(run_dirs: dict, checkpoints, fraction: float, num_actions: int) -> list:
+    """Find and check every file of the chosen runs {number: directory} and checkpoints (all present if empty), all but
+    the frames themselves, which `load_dataset` reads. From each checkpoint the first `fraction` of its stored
+    transitions is used, as the reference loaders take a fraction (batch_rl and Dopamine's JaxFixedReplayBuffer keep
+    `store[:capacity]` of each checkpoint; the CQL code the first 10,000 of each for 1%). Returns one record per
+    checkpoint: its file, the rows to load as chronologically contiguous pieces [a, b) and their actions, rewards,
+    terminals."""
+    records = []
+    for run, run_dir in sorted(run_dirs.items()):
+        found = {int(m.group(2)) for m in map(DATASET_FILE.match, os.listdir(os.path.join(run_dir, "replay_logs"))) if m}
+        for checkpoint in sorted(checkpoints or found):
+            paths = {name: dataset_file(run_dir, name, checkpoint) for name in [*DATASET_ARRAYS, "add_count"]}
+            for path in paths.values():
+                if not os.path.isfile(path):
+                    raise DatasetError(f"{path}: missing; every checkpoint needs its observation, action, reward, "
+                                       "terminal and add_count files")
+            add_count = read_npy_gz(paths["add_count"])
+            if add_count.size != 1 or add_count.dtype.kind not in "iu" or int(add_count.reshape(())) < 0:
+                raise DatasetError(f"{paths['add_count']}: expected a non-negative integer (0-d array), got "
+                                   f"{add_count.dtype} of shape {add_count.shape}")
+            add_count = int(add_count.reshape(()))
+            shape, dtype, header = read_npy_header(paths["observation"])
+            capacity = shape[0] if shape else 0
+            if dtype != np.uint8 or len(shape) != 3 or shape[1:] != (84, 84):
+                raise DatasetError(f"{paths['observation']}: expected uint8 frames of shape (N, 84, 84), got {dtype} {shape}")
+            with open(paths["observation"], "rb") as f:  # the gzip trailer holds the data size mod 2^32: a cut file fails
+                f.seek(max(os.path.getsize(paths["observation"]) - 4, 0))
+                size = int.from_bytes(f.read(4), "little")
+            if size != (header + capacity * 84 * 84) % 2**32:
+                raise DatasetError(f"{paths['observation']}: truncated gzip (the trailer gives {size} bytes of data, the "
+                                   f"array needs {header + capacity * 84 * 84}); download it again")
+            columns = {}
+            for name in ("action", "reward", "terminal"):
+                columns[name] = read_npy_gz(paths[name])
+                if columns[name].dtype != DATASET_ARRAYS[name] or columns[name].shape != (capacity,):
+                    raise DatasetError(f"{paths[name]}: expected {np.dtype(DATASET_ARRAYS[name])} of shape ({capacity},) "
+                                       f"like the observations, got {columns[name].dtype} {columns[name].shape}")
+            stored = min(add_count, capacity)  # a buffer that never filled up holds add_count transitions
+            rows = int(fraction * stored + 0.5)
+            cursor = add_count % capacity if add_count >= capacity > 0 else 0
+            # rows [0, rows): oldest first they are [cursor, rows) then [0, min(cursor, rows)), two pieces if the
+            # buffer had wrapped around inside them (the public checkpoints wrap at their last row: one piece)
+            chunks = [(a, b) for a, b in ((cursor, rows), (0, min(cursor, rows))) if a < b]
+            picked = {name: np.concatenate([column[a:b] for a, b in chunks] or [column[:0]]) for name, column in columns.items()}
+            bad = {"action": (picked["action"] < 0) | (picked["action"] >= num_actions),
+                   "reward": ~np.isfinite(picked["reward"]), "terminal": picked["terminal"] > 1}
+            for name, mask in bad.items():
+                if mask.any():
+                    row = np.flatnonzero(mask)[0]
+                    raise DatasetError(f"{paths[name]}: bad {name} {picked[name][row]} at row {row} of the loaded part"
+                                       + (f" (the game has {num_actions} actions)" if name == "action" else ""))
+            start = 0
+            for a, b in chunks:  # Dopamine's padding: the 3 transitions after a terminal are zeros
+                terminal = picked["terminal"][start:start + b - a].astype(bool)
+                pad = np.zeros(b - a, dtype=bool)
+                for lag in range(1, DATASET_PADDING + 1):
+                    pad[lag:] |= terminal[:-lag]
+                nonzero = (picked["action"][start:start + b - a] != 0) | (picked["reward"][start:start + b - a] != 0) | terminal
+                if (pad & nonzero).any():
+                    raise DatasetError(f"{paths['terminal']}: the transitions after the terminal at row "
+                                       f"{a + np.flatnonzero(pad & nonzero)[0]} are not Dopamine's zero padding; this "
+                                       "reads the DQN Replay Dataset layout (3 zero transitions before each episode)")
+                start += b - a
+            records.append({"run": run, "checkpoint": checkpoint, "observation": paths["observation"],
+                            "capacity": capacity, "add_count": add_count, "rows": rows, "chunks": chunks,
+                            "action": picked["action"].astype(np.uint8), "reward": picked["reward"],
+                            "terminal": picked["terminal"].astype(bool)})
+    return records
+
+
+def load_dataset(rb, records: list, workers: int = 8) -> torch.Tensor:
+    """Fill `rb` (one env) with the records' transitions, piece after piece, and return the logical slots a sample may
+    start at. As in Dopamine's sampler, a piece's first 3 slots only complete stacks and its last n only end n-step
+    windows, and the 3 zero transitions after a terminal become `last` slots: no start, stack or window ever
+    crosses from one checkpoint (or one piece of it) into another. Frames are read in parallel, only the loaded rows."""
+    offset, starts, jobs = 0, [], []
+    for record in records:
+        placed, start = [], 0
+        for a, b in record["chunks"]:
+            cut = slice(start, start + b - a)
+            terminal = record["terminal"][cut]
+            pad = np.zeros(b - a, dtype=bool)
+            for lag in range(1, DATASET_PADDING + 1):
+                pad[lag:] |= terminal[:-lag]
+            slots = slice(offset, offset + b - a)
+            rb.actions[slots, 0] = torch.as_tensor(record["action"][cut], device=rb.device)
+            rb.rewards[slots, 0] = torch.as_tensor(record["reward"][cut], device=rb.device)
+            rb.terminals[slots, 0] = torch.as_tensor(terminal, device=rb.device)
+            rb.last[slots, 0] = torch.as_tensor(pad, device=rb.device)
+            valid = ~pad
+            valid[: rb.stack - 1] = False  # their stacks would reach before the piece (Dopamine: index >= stack - 1)
+            valid[max(b - a - rb.n_step, 0):] = False  # their windows would pass its end (Dopamine: cursor - n)
+            starts.append(offset + np.flatnonzero(valid))
+            placed.append((a, b, offset))
+            offset, start = offset + b - a, start + b - a
+        jobs.append((record["observation"], placed))
+
+    def read_frames(path, placed):
+        rows = max((b for _, b, _ in placed), default=0)
+        try:
+            with gzip.open(path, "rb") as f:
+                read_npy_header(path, f)
+                for first in range(0, rows, 4096):  # only rows [0, rows): the fraction is each file's first rows
+                    block = bytearray((min(first + 4096, rows) - first) * 84 * 84)
+                    view, got = memoryview(block), 0
+                    while got < len(block):
+                        n = f.readinto(view[got:])
+                        if not n:
+                            raise EOFError("the file ends before its last frame")
+                        got += n
+                    frames = torch.from_numpy(np.frombuffer(block, np.uint8).reshape(-1, 84, 84))
+                    for a, b, at in placed:
+                        lo, hi = max(a, first), min(b, first + len(frames))
+                        if lo < hi:
+                            rb.frames[at + lo - a: at + hi - a, 0] = frames[lo - first: hi - first].to(rb.device)
+        except Exception as error:
+            raise dataset_read_error(path, error) from None
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(workers, len(jobs)))) as pool:
+        for future in [pool.submit(read_frames, *job) for job in jobs]:
+            future.result()
+    rb.t = offset
+    return torch.as_tensor(np.concatenate(starts or [np.zeros(0, np.int64)]), dtype=torch.long, device=rb.device)
+# === end shared ===
+
+
+# === shared: metrics ===
+def srank(matrix: torch.Tensor, delta: float = 0.01) -> int:
+    """Effective rank (Kumar et al. 2021): smallest k whose top-k singular values hold 1 - delta of their sum."""
+    sv = torch.linalg.svdvals(matrix.double())
+    if sv.sum() <= 0:
+        return 0
+    return int((sv.cumsum(0) / sv.sum() < 1.0 - delta).sum()) + 1
+
+
+def dormant_fraction(hidden: torch.Tensor, mask, tau: float) -> float:
+    """Fraction of tau-dormant units (Sokar et al. 2023): s_i = E|h_i| / mean_k E|h_k| <= tau.
+
+    hidden (B, n, p, h): the score of (expert, unit) averages over the batch and the p slots (where `mask`
+    (B, n, p) marks real tokens, for Top1's capacity buffer); a baseline layer is (B, 1, 1, units).
+    """
+    weights = torch.ones(hidden.shape[:3], device=hidden.device) if mask is None else mask.float()
+    score = (hidden.abs() * weights[..., None]).sum((0, 2)) / weights.sum((0, 2))[:, None].clamp(min=1.0)
+    score = score / score.mean().clamp(min=1e-12)
+    return float((score <= tau).float().mean())
+
+
+def entk_srank(model: nn.Module, sample_loss, inputs: tuple, delta: float = 0.01) -> int:
+    """srank of the B x B Gram matrix of per-sample loss gradients over all parameters (empirical NTK)."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+
+    def loss_one(p, *single):
+        q_fn = lambda x: torch.func.functional_call(model, (p, buffers), (x.unsqueeze(0),))[0]
+        return sample_loss(q_fn, *single)
+
+    per_sample_grad = torch.func.vmap(
+        torch.func.grad(loss_one), in_dims=(None,) + (0,) * len(inputs), randomness="different", chunk_size=8
+    )
+    grads = per_sample_grad(params, *inputs)
+    gram = sum((g.flatten(1) @ g.flatten(1).T).double() for g in grads.values())
+    return srank(gram, delta)
+
+
+def routing_stats(info: dict) -> dict:
+    """Expert load (share of token mass per expert), normalised router entropy, and Top1's dropped tokens."""
+    stats = {}
+    if "expert_mass" in info:
+        mass = info["expert_mass"].float()  # (B, m, n)
+        n = mass.shape[-1]
+        load = mass.mean((0, 1))
+        for i, share in enumerate(load.tolist()):
+            stats[f"moe/expert_load_{i}"] = share
+        probs = info.get("gate_probs", mass).float()
+        entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1).mean()
+        stats["moe/router_entropy"] = float(entropy / math.log(n)) if n > 1 else 0.0
+    if "dropped" in info:
+        stats["moe/dropped_fraction"] = float(info["dropped"])
+    return stats
+
+
+def analysis_metrics(model: nn.Module, states: torch.Tensor, sample_loss, loss_inputs: tuple) -> dict:
+    """The Figure 10 metrics on one batch (SPEC §6)."""
+    with torch.no_grad():
+        _, info = model(states, return_info=True)
+    features = info["features"].float()
+    metrics = {
+        "metrics/dormant_tau0": dormant_fraction(info["hidden"], info["hidden_mask"], 0.0),
+        "metrics/dormant_tau0.1": dormant_fraction(info["hidden"], info["hidden_mask"], 0.1),
+        "metrics/feature_norm": float(features.norm(dim=1).mean()),
+        "metrics/srank": srank(features),
+        "metrics/entk_srank": entk_srank(model, sample_loss, loss_inputs),
+    }
+    metrics.update(routing_stats(info))
+    return metrics
+# === end shared ===
+
+
+# === shared: progress ===
+class Progress:
+    """A tqdm bar (steps, SPS, recent return, ETA) on a terminal; plain periodic lines otherwise (CI, Slurm logs)."""
+
+    def __init__(self, total: int, print_every: int, start_step: int = 0):
+        self.total, self.print_every, self.start, self.start_step = total, print_every, time.time(), start_step
+        self.next_print = (start_step // print_every + 1) * print_every
+        self.returns = collections.deque(maxlen=20)
+        self.bar = None
+        if sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, returns=()):
+        self.returns.extend(returns)
+        recent = f"{np.mean(self.returns):.1f}" if self.returns else "n/a"
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"return {recent}", refresh=False)
+            self.bar.update(step - self.bar.n)  # tqdm shows steps/s and the ETA
+        elif step >= self.next_print or step >= self.total:
+            self.next_print = (step // self.print_every + 1) * self.print_every
+            elapsed = time.time() - self.start
+            sps = (step - self.start_step) / max(elapsed, 1e-9)
+            eta = (self.total - step) / max(sps, 1e-9)
+            print(f"step {step}/{self.total}  SPS {sps:.0f}  return {recent}  elapsed {elapsed:.0f}s  ETA {eta:.0f}s", flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+# === end shared ===
+
+
+# === shared: checkpoint ===
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; the launcher requeues the job, which continues with --resume auto
+EXIT_NONFINITE = 3
+CHECKPOINT_FORMAT = 1
+RESUMABLE_CHANGES = {"resume", "total_timesteps", "checkpoint_every", "checkpoint_keep", "checkpoint_replay", "cuda",
+                     "compile", "log_every", "print_every", "metrics_every", "save_model", "save_replay", "eval_episodes",
+                     "eval_every"}
+
+
+def episode_seed(seed: int, env: int, episode: int) -> int:
+    """Seed of an env's episode-th reset; unique per (env, episode) for fewer than 7,919 envs."""
+    return (seed * 1_000_003 + env * 10_007 + episode * 7_919) % (2**31 - 1)
+
+
+class EnvTracker:
+    """Makes vector envs resumable without emulator snapshots (ale-py's vector env has none): every episode starts
+    from a reset seeded by (seed, env, episode), so an env's state is that seed plus the actions taken since."""
+
+    def __init__(self, seed: int, num_envs: int):
+        self.seed, self.episodes = seed, np.zeros(num_envs, dtype=np.int64)
+        self.actions = [[] for _ in range(num_envs)]
+
+    def seeds(self, mask=None) -> np.ndarray:
+        envs = np.arange(len(self.episodes)) if mask is None else np.flatnonzero(mask)
+        return np.array([episode_seed(self.seed, e, int(self.episodes[e])) for e in envs], dtype=np.int64)
+
+    def step(self, envs, actions):
+        for e, a in enumerate(actions):
+            self.actions[e].append(int(a))
+        return envs.step(actions)
+
+    def reset_ended(self, envs, was_done, obs):
+        """After the auto-reset step of ended episodes, reset those envs again with their next seed."""
+        if was_done.any():
+            self.episodes[was_done] += 1
+            for e in np.flatnonzero(was_done):
+                self.actions[e] = []
+            reset_obs, _ = envs.reset(seed=self.seeds(was_done), options={"reset_mask": was_done})
+            obs = np.where(was_done[:, None, None, None], reset_obs, obs)
+        return obs
+
+    def state_dict(self) -> dict:
+        return {"episodes": torch.as_tensor(self.episodes), "actions": [torch.tensor(a, dtype=torch.uint8) for a in self.actions]}
+
+    def restore(self, envs, state: dict, expected_obs: np.ndarray) -> np.ndarray:
+        """Replay every env's current episode from its seed; envs with shorter episodes are reset later so all end
+        together. The result must equal the observation saved in the checkpoint."""
+        self.episodes = state["episodes"].numpy().copy()
+        self.actions = [a.tolist() for a in state["actions"]]
+        lengths = np.array([len(a) for a in self.actions])
+        longest = int(lengths.max())
+        obs, _ = envs.reset(seed=self.seeds())
+        for k in range(longest + 1):
+            starting = (longest - lengths == k) & (lengths < longest)  # these episodes begin now
+            if starting.any():
+                obs, _ = envs.reset(seed=self.seeds(starting), options={"reset_mask": starting})
+            if k == longest:
+                break
+            actions = [a[k - longest + n] if k >= longest - n else 0 for a, n in zip(self.actions, lengths)]
+            obs, *_ = envs.step(np.array(actions, dtype=np.int64))
+        if not np.array_equal(obs, expected_obs):
+            raise ValueError("replaying the saved episodes did not reproduce the saved observations (different ale-py or ROM?)")
+        return obs
+
+
+def list_checkpoints(run_dir: str) -> list:
+    return sorted(glob.glob(os.path.join(glob.escape(run_dir), "checkpoints", "step_*.pt")))
+
+
+def save_checkpoint(state: dict, run_dir: str, step: int, keep: int) -> str:
+    """Write to a temporary name, fsync, rename: a crash mid-write leaves the previous checkpoint intact."""
+    path = os.path.join(run_dir, "checkpoints", f"step_{step:012d}.pt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        os.remove(old)
+    return path
+
+
+def find_checkpoint(resume: str, runs_dir: str, run_prefix: str):
+    """`auto`: the newest checkpoint of the newest unfinished run named `run_prefix*` (None if there is none);
+    a run directory: its newest checkpoint; a file: that file."""
+    if resume == "auto":
+        runs = [d for d in glob.glob(os.path.join(glob.escape(runs_dir), glob.escape(run_prefix) + "*"))
+                if not os.path.exists(os.path.join(d, "summary.json")) and list_checkpoints(d)]
+        return list_checkpoints(max(runs, key=lambda d: int(d.rsplit("__", 1)[1])))[-1] if runs else None
+    if os.path.isdir(resume):
+        found = list_checkpoints(resume)
+        if not found:
+            raise ValueError(f"--resume {resume}: the directory has no checkpoints/step_*.pt; start without --resume")
+        return found[-1]
+    if not os.path.isfile(resume):
+        raise ValueError(f"--resume {resume}: no such checkpoint file or run directory")
+    return resume
+
+
+def load_checkpoint(path: str, script: str, args: dict, device) -> dict:
+    """Load with weights_only=True (tensors and plain containers only) and refuse other scripts or other flags."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # a truncated zip, a bad pickle, not a torch file at all
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:150]
+        raise ValueError(f"checkpoint {path} is unreadable ({reason}); resume from an earlier one or start without --resume")
+    if not isinstance(state, dict) or "script" not in state or "args" not in state:
+        raise ValueError(f"{path} is not a checkpoint of this project")
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {path} has format {state.get('format')}, this script reads format {CHECKPOINT_FORMAT}")
+    if state["script"] != script:
+        raise ValueError(f"checkpoint {path} was written by {state['script']}, not {script}")
+    for key, value in args.items():
+        if key not in RESUMABLE_CHANGES and state["args"].get(key) != value:
+            raise ValueError(f"checkpoint {path} was written with --{key.replace('_', '-')} {state['args'].get(key)} "
+                             f"but this run has {value}; resume with the checkpoint's flags")
+    return state
+
+
+class StopRequest:
+    """SIGTERM, SIGUSR1 or SIGUSR2 (what Slurm and submitit send before preemption) only set a flag: the current
+    step finishes, then the loop writes a checkpoint and exits with EXIT_PREEMPTED."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+# === end shared ===
+
+
+def check_args(args: Args) -> None:
+    """Refuse flag combinations that cannot work, each with one sentence naming the flag and the fix."""
+    positive = ["num_envs", "total_timesteps", "iteration_steps", "buffer_size", "n_step", "batch_size", "num_experts",
+                "expert_hidden", "encoder_scale", "log_every", "print_every"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["learning_starts", "metrics_every", "eval_episodes", "eval_every", "load_balancing_coef", "checkpoint_every"]:
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.checkpoint_keep < 1:
+        raise ValueError(f"--checkpoint-keep must be at least 1, got {args.checkpoint_keep}")
+    if args.replay_ratio <= 0:
+        raise ValueError(f"--replay-ratio must be positive, got {args.replay_ratio}")
+    if not 0 <= args.end_e <= args.start_e <= 1 or not 0 <= args.eval_epsilon <= 1:
+        raise ValueError("epsilons must satisfy 0 <= --end-e <= --start-e <= 1 and 0 <= --eval-epsilon <= 1")
+    if args.exploration_steps <= 0:
+        raise ValueError(f"--exploration-steps must be positive, got {args.exploration_steps}")
+    if not 0 < args.gamma <= 1:
+        raise ValueError(f"--gamma must be in (0, 1], got {args.gamma}")
+    if args.learning_rate <= 0 or args.adam_eps <= 0:
+        raise ValueError("--learning-rate and --adam-eps must be positive")
+    if replay_slots(args) // args.num_envs <= args.n_step + 4:
+        raise ValueError(f"--buffer-size {args.buffer_size} with --total-timesteps {args.total_timesteps} leaves too few "
+                         f"replay slots per env for {args.num_envs} envs and n-step {args.n_step}")
+    if args.eval_every > 0 and args.eval_episodes == 0:
+        raise ValueError(f"--eval-every {args.eval_every} needs --eval-episodes above 0; drop --eval-every or raise it")
+    if args.expert_hidden_divide and args.expert_hidden % args.num_experts:
+        raise ValueError(f"--expert-hidden-divide needs --expert-hidden ({args.expert_hidden}) divisible by --num-experts")
+    if args.encoder == "nature" and (args.encoder_scale != 1 or args.impala_filter_size != 3):
+        raise ValueError("--encoder-scale and --impala-filter-size apply to the Impala encoder; drop them or use --encoder impala")
+    if args.moe_type != "softmoe" and (args.random_phi or args.moe_l2_norm):
+        raise ValueError(f"--random-phi and --moe-l2-norm are Soft MoE options; use --moe-type softmoe, not {args.moe_type}")
+    if args.moe_type != "top1" and args.load_balancing_coef > 0:
+        raise ValueError(f"--load-balancing-coef applies to --moe-type top1, not {args.moe_type}")
+    if args.moe_type == "baseline" and (args.tokenization != "perconv" or args.expert_hidden_divide):
+        raise ValueError("--tokenization and --expert-hidden-divide need an MoE; the baseline has no tokens or experts")
+    if args.expert_variant != "regular" and (args.moe_type != "softmoe" or args.tokenization != "perconv"):
+        raise ValueError(f"--expert-variant {args.expert_variant} is a Soft MoE routing whole inputs as PerSamp tokens; "
+                         "use --moe-type softmoe and leave --tokenization at its default")
+
+
+def replay_slots(args: Args) -> int:
+    """Replay capacity to allocate, in transitions: a run never stores more than its --total-timesteps (one slot per
+    agent step), so a 100k run holds 0.71 GB instead of the 7.06 GB of 1M slots. Three spare slots per env keep the
+    oldest stack from ever counting as overwritten, so sampling is exactly that of the 1M replay, which never wraps."""
+    return min(args.buffer_size // args.num_envs, -(-args.total_timesteps // args.num_envs) + 3) * args.num_envs
+
+
+def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> float:
+    slope = (end_e - start_e) / duration
+    return max(slope * t + start_e, end_e)
+
+
+def augment(frames: torch.Tensor, pad: int = 4, intensity: float = 0.05) -> torch.Tensor:
+    """DrQ's augmentation (SPEC §4; Dopamine's drq_image_augmentation) of a batch of stacks (B, 4, 84, 84), on its
+    device and without a loop over the batch: replicate-pad `pad` pixels, crop a random 84x84 window, scale by
+    1 + intensity * clip(N(0, 1), -2, 2). Each stack draws its own window and factor, shared by its 4 frames.
+    Returns float frames on the 0-255 scale (scaled values may exceed 255, as Dopamine's exceed 1 after /255)."""
+    batch, channels, height, width = frames.shape
+    padded = F.pad(frames.float(), (pad, pad, pad, pad), mode="replicate")  # edge values, (B, C, H + 2pad, W + 2pad)
+    # window offsets in [0, 2 pad): Dopamine's jax.random.randint(0, padded - size) excludes its maxval
+    top = torch.randint(0, 2 * pad, (batch,), device=frames.device)
+    left = torch.randint(0, 2 * pad, (batch,), device=frames.device)
+    rows = top[:, None] + torch.arange(height, device=frames.device)  # (B, H)
+    cols = left[:, None] + torch.arange(width, device=frames.device)  # (B, W)
+    cropped = padded.gather(2, rows[:, None, :, None].expand(-1, channels, -1, padded.shape[-1]))  # (B, C, H, W + 2pad)
+    cropped = cropped.gather(3, cols[:, None, None, :].expand(-1, channels, height, -1))  # (B, C, H, W)
+    factor = 1.0 + intensity * torch.randn(batch, 1, 1, 1, device=frames.device).clamp(-2.0, 2.0)
+    return cropped * factor
+
+
+def drq_loss(q_network, batch, args):
+    """TD loss of DrQ(ε) on a sampled batch (SPEC §4). With augmentation, s and s' are augmented independently
+    (Dopamine splits one key for the states and another for the next states). The target r + gamma^n Q(s', a*) comes
+    from the online network itself under no_grad: with a target update period of 1, Dopamine's target parameters
+    equal the online ones at every update, so double-Q's choice a* = argmax_a Q(s', a) and its evaluation both use it.
+
+    Returns (td_loss, aux_loss, mean Q of the taken actions); aux_loss is Top1's load balancing, else 0.
+    """
+    states, actions, returns, discounts, next_states = batch
+    if args.augmentation:
+        states, next_states = augment(states), augment(next_states)
+    with torch.no_grad():
+        next_q = q_network(next_states)
+        td_target = returns + discounts * next_q.gather(1, next_q.argmax(1, keepdim=True)).squeeze(1)
+    q, info = q_network(states, return_info=True)
+    q_taken = q.gather(1, actions[:, None]).squeeze(1)
+    td_loss = F.huber_loss(q_taken, td_target) if args.loss == "huber" else F.mse_loss(q_taken, td_target)
+    return td_loss, info.get("aux_loss", torch.zeros((), device=q.device)), q_taken.mean().detach()
+
+
+def td_sample_loss(loss: str):
+    """Per-sample TD loss (q_fn, state, action, target) -> scalar, for the empirical NTK."""
+
+    def sample_loss(q_fn, state, action, target):
+        q = q_fn(state).gather(0, action.unsqueeze(0)).squeeze(0)
+        return F.huber_loss(q, target) if loss == "huber" else (q - target) ** 2
+
+    return sample_loss
+
+
+# === shared: evaluate ===
+def evaluate(model, rom: str, episodes: int, epsilon: float, device, seed: int) -> tuple[list, list]:
+    """Atari 100k evaluation (SPEC §4): `episodes` games at once in one vector env of their own on the atari100k
+    protocol, each played to its first game over or truncation; a life loss ends nothing but restarts the acting
+    stack, as in training. Epsilon-greedy on `model.q_values` in eval mode (noisy nets off); the training's torch RNG
+    is left as it was. Returns each game's score and length in agent steps."""
+    envs = make_env(rom, episodes, "atari100k")
+    obs, info = envs.reset(seed=np.array([episode_seed(seed, e, 0) for e in range(episodes)], dtype=np.int64))
+    lives, rng = LifeLoss(info["lives"]), np.random.default_rng(seed)
+    scores, lengths = np.zeros(episodes), np.zeros(episodes, dtype=np.int64)
+    finished, not_reset = np.zeros(episodes, dtype=bool), np.zeros(episodes, dtype=bool)
+    model.eval()
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        while not finished.all():
+            playing = ~finished
+            actions = rng.integers(envs.single_action_space.n, size=episodes)
+            with torch.no_grad():  # only the games still playing need the network
+                q = model.q_values(torch.as_tensor(lives.acting(obs)[playing], device=device))
+            greedy = np.zeros(episodes, dtype=np.int64)
+            greedy[playing] = q.argmax(1).cpu().numpy()
+            actions = np.where(rng.random(episodes) < epsilon, actions, greedy)
+            obs, rewards, terminations, truncations, info = envs.step(actions)
+            lives.step(info["lives"], terminations, not_reset)
+            scores += rewards * playing
+            lengths += playing
+            finished |= terminations | truncations
+    model.train()
+    envs.close()
+    return scores.tolist(), lengths.tolist()
+# === end shared ===
+
+
+def prepare(args: Args):
+    """Every check of the user's input, before anything is created or overwritten.
+
+    Returns the ROM id, the run directory (new, or the one being resumed) and the checkpoint to resume from (or None).
+    """
+    rom = resolve_rom(args.env_id)
+    check_args(args)
+    prefix = f"{game_name(rom)}__{args.exp_name}__{args.seed}__"
+    path = find_checkpoint(args.resume, args.runs_dir, prefix) if args.resume else None
+    checkpoint = None
+    if path:
+        device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+        checkpoint = load_checkpoint(path, os.path.basename(__file__), vars(args), device)
+        if checkpoint["global_step"] >= args.total_timesteps:
+            raise ValueError(f"checkpoint {path} is at agent step {checkpoint['global_step']}, not below "
+                             f"--total-timesteps {args.total_timesteps}; raise --total-timesteps to train further")
+        run_dir = os.path.dirname(os.path.dirname(path))
+    else:
+        stamp = int(time.time())
+        while os.path.exists(os.path.join(args.runs_dir, f"{prefix}{stamp}")):
+            stamp += 1
+        run_dir = os.path.join(args.runs_dir, f"{prefix}{stamp}")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, ".write_test"), "w"):
+            pass
+        os.remove(os.path.join(run_dir, ".write_test"))
+    except OSError as error:
+        raise ValueError(f"cannot write the run directory {run_dir} ({error.strerror}); pass a writable --runs-dir")
+    if args.save_replay:  # found out now, not after hours of training
+        try:
+            os.makedirs(args.save_replay, exist_ok=True)
+            with open(os.path.join(args.save_replay, ".write_test"), "w"):
+                pass
+            os.remove(os.path.join(args.save_replay, ".write_test"))
+        except OSError as error:
+            raise ValueError(f"cannot write --save-replay {args.save_replay} ({error.strerror}); choose a writable directory")
+    return rom, run_dir, checkpoint
+
+
+def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
+    script = os.path.basename(__file__)
+    stop = StopRequest()  # from the start: a signal during set-up still ends in a checkpoint and exit 75
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    rng = np.random.default_rng(args.seed)
+
+    envs = make_env(rom, args.num_envs, "atari100k")
+    tracker = EnvTracker(args.seed, args.num_envs)
+    num_actions = int(envs.single_action_space.n)  # a plain int: model.pt loads with weights_only=True
+    q_network = QNetwork(args, num_actions).to(device)  # no target network: targets come from this one (period 1)
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
+    capacity = replay_slots(args)  # a resume with another --total-timesteps loads the saved replay into this size
+    rb = ReplayBuffer(capacity, args.num_envs, device, args.n_step, args.gamma, seed=args.seed)
+
+    global_step, update_credit, iteration_returns, evaluations = 0, 0.0, [], []
+    episode_return, episode_length = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=np.int64)
+    was_done = np.zeros(args.num_envs, dtype=bool)  # these envs' next step is a reset step (next-step autoreset)
+    if checkpoint is None:
+        obs, info = envs.reset(seed=tracker.seeds())
+        lives = LifeLoss(info["lives"])
+    else:  # continue exactly where the checkpoint left off
+        q_network.load_state_dict(checkpoint["q_network"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint["replay"] is not None:
+            rb.load_state_dict(checkpoint["replay"])
+        loop = checkpoint["loop"]
+        global_step, update_credit, iteration_returns = checkpoint["global_step"], loop["update_credit"], loop["iteration_returns"]
+        episode_return, episode_length = loop["episode_return"].numpy(), loop["episode_length"].numpy()
+        was_done, evaluations = loop["was_done"].numpy(), loop["evaluations"]
+        lives = LifeLoss(np.zeros(args.num_envs))
+        lives.load_state_dict(loop["lives"])
+        torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
+        if device.type == "cuda" and checkpoint["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all([s.cpu() for s in checkpoint["rng"]["cuda"]])
+        rng.bit_generator.state = checkpoint["rng"]["numpy"]
+        obs = tracker.restore(envs, checkpoint["envs"], checkpoint["obs"].cpu().numpy())
+    # purge_step hides what a stopped run logged after its checkpoint (all logged at steps above the checkpoint's)
+    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if checkpoint else None)
+    if checkpoint is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    print(f"{run_dir}: {rom}, {num_actions} actions, {sum(p.numel() for p in q_network.parameters()):,} parameters, "
+          f"device {device}, replay {capacity:,} transitions = {ReplayBuffer.nbytes(capacity) / 1e9:.2f} GB"
+          + (f", resumed at agent step {global_step}" if checkpoint else ""), flush=True)
+    if args.resume == "auto" and checkpoint is None:
+        print("--resume auto: no unfinished run of this game, exp_name and seed has a checkpoint; starting a new run", flush=True)
+
+    def train_step(*batch):
+        td_loss, aux_loss, q_mean = drq_loss(q_network, batch, args)
+        optimizer.zero_grad(set_to_none=False)
+        (td_loss + args.load_balancing_coef * aux_loss).backward()
+        optimizer.step()
+        return td_loss.detach(), aux_loss.detach(), q_mean
+
+    if args.compile:
+        train_step = torch.compile(train_step)
+
+    def checkpoint_state() -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT, "script": script, "args": vars(args), "global_step": global_step,
+            "q_network": q_network.state_dict(), "optimizer": optimizer.state_dict(),
+            "replay": rb.state_dict() if args.checkpoint_replay else None,
+            "envs": tracker.state_dict(), "obs": torch.as_tensor(obs),
+            "rng": {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state,
+                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
+            "loop": {"update_credit": update_credit, "iteration_returns": list(iteration_returns),
+                     "episode_return": torch.as_tensor(episode_return), "episode_length": torch.as_tensor(episode_length),
+                     "was_done": torch.as_tensor(was_done), "lives": lives.state_dict(),
+                     "evaluations": list(evaluations)},
+        }
+
+    nonfinite_at = torch.full((), -1, dtype=torch.long, device=device)  # first agent step with a non-finite loss
+
+    def stop_if_nonfinite(check_parameters=False):
+        """One host sync, only when logging or checkpointing: a NaN or inf ends the run without saving it."""
+        step = int(nonfinite_at)
+        if step < 0 and check_parameters and not torch.stack([torch.isfinite(p).all() for p in q_network.parameters()]).all():
+            step = global_step
+        if step >= 0:
+            last = list_checkpoints(run_dir)
+            hint = f"the last good checkpoint is {last[-1]} (continue from it with --resume)" if last else "there is no checkpoint"
+            print(f"{script}: error: non-finite TD loss, Q-value or weights by agent step {step}; stopped without "
+                  f"saving; {hint}", file=sys.stderr)
+            writer.close()
+            sys.exit(EXIT_NONFINITE)
+
+    def run_evaluation() -> dict:
+        """`eval_episodes` games with epsilon 0.001, logged at this agent step (Atari 100k)."""
+        scores, lengths = evaluate(q_network, rom, args.eval_episodes, args.eval_epsilon, device,
+                                   episode_seed(args.seed + 100, 0, global_step))
+        for score in scores:
+            writer.add_scalar("eval/episodic_return", score, global_step)
+        normalized = human_normalized_score(rom, scores)
+        if normalized is not None:
+            writer.add_scalar("eval/human_normalized_score", normalized, global_step)
+        print(f"evaluation at agent step {global_step} over {len(scores)} episodes: mean return {np.mean(scores):.1f}"
+              + (f", human-normalised score {normalized:.3f}" if normalized is not None else ""), flush=True)
+        return {"step": global_step, "returns": scores, "lengths": lengths, "human_normalized_score": normalized}
+
+    td_loss = None
+    progress = Progress(args.total_timesteps, args.print_every, global_step)
+    start_time, last_log = time.time(), (global_step, time.time())
+    while global_step < args.total_timesteps:
+        # act: epsilon-greedy, epsilon 1 during the warm-up then linear over `exploration_steps` (Dopamine's
+        # linearly_decaying_epsilon); acting stacks hold no frames of earlier lives, as the replay's
+        epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_steps, global_step - args.learning_starts)
+        epsilon = args.start_e if global_step < args.learning_starts else epsilon
+        actions = rng.integers(num_actions, size=args.num_envs)
+        if epsilon < 1.0:
+            with torch.no_grad():
+                greedy = q_network.q_values(torch.as_tensor(lives.acting(obs), device=device)).argmax(1).cpu().numpy()
+            actions = np.where(rng.random(args.num_envs) < epsilon, actions, greedy)
+        next_obs, rewards, terminations, truncations, info = tracker.step(envs, actions)
+        terminals = lives.step(info["lives"], terminations, was_done)  # game over or life lost: stop bootstrapping
+        done = terminations | truncations  # only a game over (or the frame cap) ends the episode
+        previous_step, global_step = global_step, global_step + args.num_envs  # everything below is logged at this step
+
+        # store one frame per env; at a reset step that frame is the final observation of the ended episode
+        rb.add(obs[:, -1], actions, rewards, terminals, was_done)
+        episode_return += rewards
+        episode_length += ~was_done
+        finished = episode_return[done].tolist()
+        for i in np.flatnonzero(done):  # the whole game's score, all lives
+            writer.add_scalar("charts/episodic_return", episode_return[i], global_step)
+            writer.add_scalar("charts/episodic_length", episode_length[i], global_step)
+        episode_return[done], episode_length[done] = 0.0, 0
+        iteration_returns += finished
+        obs, was_done = tracker.reset_ended(envs, was_done, next_obs), done
+
+        # learn: `replay_ratio` gradient updates per agent step once the replay holds `learning_starts` steps
+        if rb.t * args.num_envs > args.learning_starts and rb.can_sample():
+            update_credit += args.replay_ratio * args.num_envs
+            while update_credit >= 1.0:
+                update_credit -= 1.0
+                td_loss, aux_loss, q_mean = train_step(*rb.sample(args.batch_size))
+                finite = torch.isfinite(td_loss) & torch.isfinite(q_mean)
+                nonfinite_at = torch.where((nonfinite_at < 0) & ~finite, global_step, nonfinite_at)
+
+        # log
+        if global_step // args.log_every != previous_step // args.log_every:
+            stop_if_nonfinite()
+            sps = (global_step - last_log[0]) / max(time.time() - last_log[1], 1e-9)
+            last_log = (global_step, time.time())
+            writer.add_scalar("charts/SPS", sps, global_step)
+            writer.add_scalar("charts/epsilon", epsilon, global_step)
+            if td_loss is not None:
+                writer.add_scalar("losses/td_loss", td_loss.item(), global_step)
+                writer.add_scalar("losses/q_values", q_mean.item(), global_step)
+                if args.load_balancing_coef > 0:
+                    writer.add_scalar("losses/aux_loss", aux_loss.item(), global_step)
+        if global_step // args.iteration_steps != previous_step // args.iteration_steps:
+            if iteration_returns:  # the paper's training curves: mean return of the episodes ended in each iteration
+                writer.add_scalar("charts/iteration_return", np.mean(iteration_returns), global_step)
+            iteration_returns = []
+        if args.metrics_every and global_step // args.metrics_every != previous_step // args.metrics_every and rb.can_sample():
+            states, actions_b, returns_b, discounts_b, next_states = rb.sample(args.batch_size)
+            with torch.no_grad():  # the training targets, without augmentation
+                targets = returns_b + discounts_b * q_network(next_states).max(1).values
+            metrics = analysis_metrics(q_network, states, td_sample_loss(args.loss), (states, actions_b, targets))
+            for key, value in metrics.items():
+                writer.add_scalar(key, value, global_step)
+        # evaluate during training (the final evaluation comes after the loop)
+        if (args.eval_every and global_step // args.eval_every != previous_step // args.eval_every
+                and global_step < args.total_timesteps):
+            stop_if_nonfinite()
+            evaluations.append(run_evaluation())
+            last_log = (global_step, time.time())  # SPS counts training only
+        progress.update(global_step, finished)
+
+        # checkpoint: every `checkpoint_every` steps, and when Slurm or the user asks the run to stop
+        periodic = args.checkpoint_every and global_step // args.checkpoint_every != previous_step // args.checkpoint_every
+        if periodic or stop.signal:
+            stop_if_nonfinite(check_parameters=True)
+            path = save_checkpoint(checkpoint_state(), run_dir, global_step, args.checkpoint_keep)
+            if stop.signal:
+                progress.close()
+                print(f"{stop.signal} at agent step {global_step}: checkpoint written to {path}; "
+                      "continue with --resume auto", flush=True)
+                writer.close()
+                sys.exit(EXIT_PREEMPTED)
+
+    progress.close()
+    envs.close()
+    stop_if_nonfinite(check_parameters=True)
+    print(f"done: {global_step} agent steps in {time.time() - start_time:.0f}s", flush=True)
+    if args.save_replay:
+        print(f"replay written to {', '.join(save_replay_dataset(rb, args.save_replay, game_name(rom)))}", flush=True)
+    if args.save_model:
+        path = os.path.join(run_dir, "model.pt")
+        torch.save({"model": q_network.state_dict(), "args": vars(args), "num_actions": num_actions}, path)
+        print(f"model saved to {path}", flush=True)
+    final = {"returns": [], "human_normalized_score": None}
+    if args.eval_episodes > 0:
+        final = run_evaluation()
+        evaluations.append(final)
+    writer.close()
+    summary = {"script": script, "game": game_name(rom), "exp_name": args.exp_name, "seed": args.seed,
+               "global_step": global_step, "wall_time_s": time.time() - start_time, "eval_returns": final["returns"],
+               "eval_human_normalized_score": final["human_normalized_score"], "evaluations": evaluations,
+               "args": vars(args)}
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:  # written last: marks a finished run
+        json.dump(summary, f, indent=1)
+
+
+if __name__ == "__main__":
+    cli_args = tyro.cli(Args)
+    try:  # bad input: one line saying what is wrong, before anything is created or overwritten
+        prepared = prepare(cli_args)
+    except ValueError as error:
+        print(f"{os.path.basename(__file__)}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    main(cli_args, *prepared)
