@@ -20,9 +20,11 @@ import math
 import os
 import random
 import re
+import resource
 import signal
 import sys
 import time
+import types
 import zlib
 from dataclasses import dataclass, replace
 from typing import Annotated, Literal
@@ -1107,6 +1109,13 @@ class Progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak resident host memory of this process and peak GPU memory allocated by torch, in bytes (summary.json)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # Linux: KiB
+    gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return {"peak_host_memory_bytes": rss, "peak_gpu_memory_bytes": gpu}
 # === end shared ===
 
 
@@ -1136,10 +1145,12 @@ class EnvTracker:
         envs = np.arange(len(self.episodes)) if mask is None else np.flatnonzero(mask)
         return np.array([episode_seed(self.seed, e, int(self.episodes[e])) for e in envs], dtype=np.int64)
 
-    def step(self, envs, actions):
+    def send(self, envs, actions):
+        """Start a step: the emulators run in ale-py's C++ threads until `envs.recv()`, so the learner can update
+        meanwhile (acting overlapped with learning)."""
         for e, a in enumerate(actions):
             self.actions[e].append(int(a))
-        return envs.step(actions)
+        envs.send(np.asarray(actions, dtype=np.int64))
 
     def reset_ended(self, envs, was_done, obs):
         """After the auto-reset step of ended episodes, reset those envs again with their next seed."""
@@ -1412,6 +1423,39 @@ def dataset_fingerprint(records: list) -> list:
     return [[r["run"], r["checkpoint"], r["capacity"], r["add_count"], r["rows"]] for r in records]
 
 
+def build_agent(args: Args, num_actions: int, device: torch.device, capacity: int) -> types.SimpleNamespace:
+    """What main() trains: networks, Adam, the fixed replay (`capacity` slots, filled by `load_dataset`), greedy acting
+    and one gradient update.
+
+    `update()` samples a batch and takes one Adam step without synchronising with the host (the training step is
+    compiled with --compile). benchmark/speed.py and the tests time and check exactly this.
+    """
+    q_network = QNetwork(args, num_actions).to(device)
+    target_network = QNetwork(args, num_actions).to(device)
+    target_network.load_state_dict(q_network.state_dict())
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
+    rb = FixedReplay(capacity, device, args.n_step, args.gamma, args.seed)
+
+    def train_step(*batch):
+        td_loss, cql_loss, aux_loss, q_mean = offline_losses(q_network, target_network, batch, args)
+        optimizer.zero_grad(set_to_none=False)
+        (td_loss + args.cql_alpha * cql_loss + args.load_balancing_coef * aux_loss).backward()
+        optimizer.step()
+        return td_loss.detach(), cql_loss.detach(), aux_loss.detach(), q_mean
+
+    train_step = torch.compile(train_step) if args.compile else train_step
+
+    def update():
+        return train_step(*rb.sample(args.batch_size))
+
+    def act(obs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return q_network.q_values(obs).argmax(1)
+
+    return types.SimpleNamespace(q_network=q_network, target_network=target_network, optimizer=optimizer, rb=rb,
+                                 update=update, act=act)
+
+
 def prepare(args: Args):
     """Every check of the user's input (flags, dataset files, memory, checkpoint) before anything is created or
     overwritten. Returns the ROM id, the run directory (new, or the one being resumed), the checkpoint to resume from
@@ -1478,12 +1522,8 @@ def main(args: Args, rom: str, run_dir: str, checkpoint, records: list, num_acti
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
 
-    q_network = QNetwork(args, num_actions).to(device)
-    target_network = QNetwork(args, num_actions).to(device)
-    target_network.load_state_dict(q_network.state_dict())
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
-    rb = FixedReplay(max(replay_capacity(records, args.checkpoints_per_iteration), args.n_step + 5), device,
-                     args.n_step, args.gamma, args.seed)
+    agent = build_agent(args, num_actions, device, max(replay_capacity(records, args.checkpoints_per_iteration), args.n_step + 5))
+    q_network, target_network, optimizer, rb = agent.q_network, agent.target_network, agent.optimizer, agent.rb
     steps_per_iteration = args.gradient_steps_per_iteration
     total_steps = args.num_iterations * steps_per_iteration
     global_step, scores = 0, []
@@ -1531,16 +1571,6 @@ def main(args: Args, rom: str, run_dir: str, checkpoint, records: list, num_acti
     if args.resume == "auto" and checkpoint is None:
         print("--resume auto: no unfinished run of this game, exp_name and seed has a checkpoint; starting a new run", flush=True)
 
-    def train_step(*batch):
-        td_loss, cql_loss, aux_loss, q_mean = offline_losses(q_network, target_network, batch, args)
-        optimizer.zero_grad(set_to_none=False)
-        (td_loss + args.cql_alpha * cql_loss + args.load_balancing_coef * aux_loss).backward()
-        optimizer.step()
-        return td_loss.detach(), cql_loss.detach(), aux_loss.detach(), q_mean
-
-    if args.compile:
-        train_step = torch.compile(train_step)
-
     def checkpoint_state() -> dict:
         return {
             "format": CHECKPOINT_FORMAT, "script": script, "args": vars(args), "global_step": global_step,
@@ -1575,7 +1605,7 @@ def main(args: Args, rom: str, run_dir: str, checkpoint, records: list, num_acti
             loaded = iteration
 
         # learn: one gradient step on a uniform batch of the fixed dataset
-        td_loss, cql_loss, aux_loss, q_mean = train_step(*rb.sample(args.batch_size))
+        td_loss, cql_loss, aux_loss, q_mean = agent.update()
         finite = torch.isfinite(td_loss) & torch.isfinite(cql_loss) & torch.isfinite(q_mean)
         nonfinite_at = torch.where((nonfinite_at < 0) & ~finite, global_step + 1, nonfinite_at)
         global_step += 1  # everything below is logged at this gradient step
@@ -1642,7 +1672,7 @@ def main(args: Args, rom: str, run_dir: str, checkpoint, records: list, num_acti
     summary = {"script": script, "game": game_name(rom), "exp_name": args.exp_name, "seed": args.seed,
                "global_step": global_step, "wall_time_s": time.time() - start_time, "eval_returns": scores,
                "dataset": {"runs": runs, "checkpoints": len(records), "transitions": sum(r["rows"] for r in records)},
-               "args": vars(args)}
+               "args": vars(args), **peak_memory(device)}
     with open(os.path.join(run_dir, "summary.json"), "w") as f:  # written last: marks a finished run
         json.dump(summary, f, indent=1)
 

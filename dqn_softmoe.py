@@ -18,9 +18,11 @@ import math
 import os
 import random
 import re
+import resource
 import signal
 import sys
 import time
+import types
 import zlib
 from dataclasses import dataclass
 from typing import Literal
@@ -1050,6 +1052,13 @@ class Progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak resident host memory of this process and peak GPU memory allocated by torch, in bytes (summary.json)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # Linux: KiB
+    gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return {"peak_host_memory_bytes": rss, "peak_gpu_memory_bytes": gpu}
 # === end shared ===
 
 
@@ -1079,10 +1088,12 @@ class EnvTracker:
         envs = np.arange(len(self.episodes)) if mask is None else np.flatnonzero(mask)
         return np.array([episode_seed(self.seed, e, int(self.episodes[e])) for e in envs], dtype=np.int64)
 
-    def step(self, envs, actions):
+    def send(self, envs, actions):
+        """Start a step: the emulators run in ale-py's C++ threads until `envs.recv()`, so the learner can update
+        meanwhile (acting overlapped with learning)."""
         for e, a in enumerate(actions):
             self.actions[e].append(int(a))
-        return envs.step(actions)
+        envs.send(np.asarray(actions, dtype=np.int64))
 
     def reset_ended(self, envs, was_done, obs):
         """After the auto-reset step of ended episodes, reset those envs again with their next seed."""
@@ -1276,6 +1287,38 @@ def evaluate(model, rom, protocol, episodes, epsilon, device, seed):
     return scores.tolist()
 
 
+def build_agent(args: Args, num_actions: int, device: torch.device) -> types.SimpleNamespace:
+    """What main() trains: networks, Adam, the replay memory, greedy acting and one gradient update.
+
+    `update()` samples a batch and takes one Adam step without synchronising with the host (the training step is
+    compiled with --compile). benchmark/speed.py and the tests time and check exactly this.
+    """
+    q_network = QNetwork(args, num_actions).to(device)
+    target_network = QNetwork(args, num_actions).to(device)
+    target_network.load_state_dict(q_network.state_dict())
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
+    rb = ReplayBuffer(args.buffer_size, args.num_envs, device, args.n_step, args.gamma, seed=args.seed)
+
+    def train_step(*batch):
+        td_loss, aux_loss, q_mean = dqn_loss(q_network, target_network, batch, args.loss)
+        optimizer.zero_grad(set_to_none=False)
+        (td_loss + args.load_balancing_coef * aux_loss).backward()
+        optimizer.step()
+        return td_loss.detach(), aux_loss.detach(), q_mean
+
+    train_step = torch.compile(train_step) if args.compile else train_step
+
+    def update():
+        return train_step(*rb.sample(args.batch_size))
+
+    def act(obs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return q_network(obs).argmax(1)
+
+    return types.SimpleNamespace(q_network=q_network, target_network=target_network, optimizer=optimizer, rb=rb,
+                                 update=update, act=act)
+
+
 def prepare(args: Args):
     """Every check of the user's input, before anything is created or overwritten.
 
@@ -1329,11 +1372,8 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
     envs = make_env(rom, args.num_envs, "dopamine")
     tracker = EnvTracker(args.seed, args.num_envs)
     num_actions = int(envs.single_action_space.n)
-    q_network = QNetwork(args, num_actions).to(device)
-    target_network = QNetwork(args, num_actions).to(device)
-    target_network.load_state_dict(q_network.state_dict())
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
-    rb = ReplayBuffer(args.buffer_size, args.num_envs, device, args.n_step, args.gamma, seed=args.seed)
+    agent = build_agent(args, num_actions, device)
+    q_network, target_network, optimizer, rb = agent.q_network, agent.target_network, agent.optimizer, agent.rb
 
     global_step, update_credit, iteration_returns = 0, 0.0, []
     episode_return, episode_length = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=np.int64)
@@ -1364,16 +1404,6 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
           + (f", resumed at agent step {global_step}" if checkpoint else ""), flush=True)
     if args.resume == "auto" and checkpoint is None:
         print("--resume auto: no unfinished run of this game, exp_name and seed has a checkpoint; starting a new run", flush=True)
-
-    def train_step(*batch):
-        td_loss, aux_loss, q_mean = dqn_loss(q_network, target_network, batch, args.loss)
-        optimizer.zero_grad(set_to_none=False)
-        (td_loss + args.load_balancing_coef * aux_loss).backward()
-        optimizer.step()
-        return td_loss.detach(), aux_loss.detach(), q_mean
-
-    if args.compile:
-        train_step = torch.compile(train_step)
 
     def checkpoint_state() -> dict:
         return {
@@ -1412,14 +1442,26 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
         epsilon = args.start_e if global_step < args.learning_starts else epsilon
         actions = rng.integers(num_actions, size=args.num_envs)
         if epsilon < 1.0:
-            with torch.no_grad():
-                greedy = q_network(torch.as_tensor(obs, device=device)).argmax(1).cpu().numpy()
+            greedy = agent.act(torch.as_tensor(obs, device=device)).cpu().numpy()
             actions = np.where(rng.random(args.num_envs) < epsilon, actions, greedy)
-        next_obs, rewards, terminations, truncations, _ = tracker.step(envs, actions)
-        done = terminations | truncations
+        tracker.send(envs, actions)  # the emulators step in ale-py's threads while the learner updates below
         previous_step, global_step = global_step, global_step + args.num_envs  # everything below is logged at this step
 
+        # learn: `replay_ratio` gradient updates per agent step once the replay holds `learning_starts` steps (the
+        # transition in flight joins the replay after them: a one-step lag that lets learning overlap acting)
+        if rb.t * args.num_envs > args.learning_starts and rb.can_sample():
+            update_credit += args.replay_ratio * args.num_envs
+            while update_credit >= 1.0:
+                update_credit -= 1.0
+                td_loss, aux_loss, q_mean = agent.update()
+                finite = torch.isfinite(td_loss) & torch.isfinite(q_mean)
+                nonfinite_at = torch.where((nonfinite_at < 0) & ~finite, global_step, nonfinite_at)
+            if global_step // args.target_network_frequency != previous_step // args.target_network_frequency:
+                target_network.load_state_dict(q_network.state_dict())
+
         # store one frame per env; at a reset step that frame is the final observation of the ended episode
+        next_obs, rewards, terminations, truncations, _ = envs.recv()
+        done = terminations | truncations
         rb.add(obs[:, -1], actions, rewards, terminations, was_done)
         episode_return += rewards
         episode_length += ~was_done
@@ -1430,17 +1472,6 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
         episode_return[done], episode_length[done] = 0.0, 0
         iteration_returns += finished
         obs, was_done = tracker.reset_ended(envs, was_done, next_obs), done
-
-        # learn: `replay_ratio` gradient updates per agent step once the replay holds `learning_starts` steps
-        if rb.t * args.num_envs > args.learning_starts and rb.can_sample():
-            update_credit += args.replay_ratio * args.num_envs
-            while update_credit >= 1.0:
-                update_credit -= 1.0
-                td_loss, aux_loss, q_mean = train_step(*rb.sample(args.batch_size))
-                finite = torch.isfinite(td_loss) & torch.isfinite(q_mean)
-                nonfinite_at = torch.where((nonfinite_at < 0) & ~finite, global_step, nonfinite_at)
-            if global_step // args.target_network_frequency != previous_step // args.target_network_frequency:
-                target_network.load_state_dict(q_network.state_dict())
 
         # log
         if global_step // args.log_every != previous_step // args.log_every:
@@ -1497,7 +1528,8 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
         print(f"evaluation over {len(scores)} episodes: mean return {np.mean(scores):.1f}", flush=True)
     writer.close()
     summary = {"script": script, "game": game_name(rom), "exp_name": args.exp_name, "seed": args.seed,
-               "global_step": global_step, "wall_time_s": time.time() - start_time, "eval_returns": scores, "args": vars(args)}
+               "global_step": global_step, "wall_time_s": time.time() - start_time, "eval_returns": scores, "args": vars(args),
+               **peak_memory(device)}
     with open(os.path.join(run_dir, "summary.json"), "w") as f:  # written last: marks a finished run
         json.dump(summary, f, indent=1)
 

@@ -20,9 +20,11 @@ import math
 import os
 import random
 import re
+import resource
 import signal
 import sys
 import time
+import types
 import zlib
 from dataclasses import dataclass
 from typing import Literal
@@ -1138,6 +1140,13 @@ class Progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak resident host memory of this process and peak GPU memory allocated by torch, in bytes (summary.json)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # Linux: KiB
+    gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return {"peak_host_memory_bytes": rss, "peak_gpu_memory_bytes": gpu}
 # === end shared ===
 
 
@@ -1167,10 +1176,12 @@ class EnvTracker:
         envs = np.arange(len(self.episodes)) if mask is None else np.flatnonzero(mask)
         return np.array([episode_seed(self.seed, e, int(self.episodes[e])) for e in envs], dtype=np.int64)
 
-    def step(self, envs, actions):
+    def send(self, envs, actions):
+        """Start a step: the emulators run in ale-py's C++ threads until `envs.recv()`, so the learner can update
+        meanwhile (acting overlapped with learning)."""
         for e, a in enumerate(actions):
             self.actions[e].append(int(a))
-        return envs.step(actions)
+        envs.send(np.asarray(actions, dtype=np.int64))
 
     def reset_ended(self, envs, was_done, obs):
         """After the auto-reset step of ended episodes, reset those envs again with their next seed."""
@@ -1409,6 +1420,35 @@ def evaluate(model, rom: str, episodes: int, epsilon: float, device, seed: int) 
 # === end shared ===
 
 
+def build_agent(args: Args, num_actions: int, device: torch.device) -> types.SimpleNamespace:
+    """What main() trains: the network (no target network: targets come from it, period 1), Adam, the replay memory,
+    greedy acting and one gradient update on an augmented batch, without synchronising with the host (the training
+    step is compiled with --compile). benchmark/speed.py and the tests time and check exactly this.
+    """
+    q_network = QNetwork(args, num_actions).to(device)
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
+    rb = ReplayBuffer(replay_slots(args), args.num_envs, device, args.n_step, args.gamma, seed=args.seed)
+
+    def train_step(*batch):
+        td_loss, aux_loss, q_mean = drq_loss(q_network, batch, args)
+        optimizer.zero_grad(set_to_none=False)
+        (td_loss + args.load_balancing_coef * aux_loss).backward()
+        optimizer.step()
+        return td_loss.detach(), aux_loss.detach(), q_mean
+
+    train_step = torch.compile(train_step) if args.compile else train_step
+
+    def update():
+        return train_step(*rb.sample(args.batch_size))
+
+    def act(obs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return q_network.q_values(obs).argmax(1)
+
+    return types.SimpleNamespace(q_network=q_network, target_network=None, optimizer=optimizer, rb=rb, update=update,
+                                 act=act)
+
+
 def prepare(args: Args):
     """Every check of the user's input, before anything is created or overwritten.
 
@@ -1462,10 +1502,9 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
     envs = make_env(rom, args.num_envs, "atari100k")
     tracker = EnvTracker(args.seed, args.num_envs)
     num_actions = int(envs.single_action_space.n)  # a plain int: model.pt loads with weights_only=True
-    q_network = QNetwork(args, num_actions).to(device)  # no target network: targets come from this one (period 1)
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
     capacity = replay_slots(args)  # a resume with another --total-timesteps loads the saved replay into this size
-    rb = ReplayBuffer(capacity, args.num_envs, device, args.n_step, args.gamma, seed=args.seed)
+    agent = build_agent(args, num_actions, device)
+    q_network, optimizer, rb = agent.q_network, agent.optimizer, agent.rb  # no target network: targets come from q_network
 
     global_step, update_credit, iteration_returns, evaluations = 0, 0.0, [], []
     episode_return, episode_length = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=np.int64)
@@ -1498,16 +1537,6 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
           + (f", resumed at agent step {global_step}" if checkpoint else ""), flush=True)
     if args.resume == "auto" and checkpoint is None:
         print("--resume auto: no unfinished run of this game, exp_name and seed has a checkpoint; starting a new run", flush=True)
-
-    def train_step(*batch):
-        td_loss, aux_loss, q_mean = drq_loss(q_network, batch, args)
-        optimizer.zero_grad(set_to_none=False)
-        (td_loss + args.load_balancing_coef * aux_loss).backward()
-        optimizer.step()
-        return td_loss.detach(), aux_loss.detach(), q_mean
-
-    if args.compile:
-        train_step = torch.compile(train_step)
 
     def checkpoint_state() -> dict:
         return {
@@ -1561,14 +1590,24 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
         epsilon = args.start_e if global_step < args.learning_starts else epsilon
         actions = rng.integers(num_actions, size=args.num_envs)
         if epsilon < 1.0:
-            with torch.no_grad():
-                greedy = q_network.q_values(torch.as_tensor(lives.acting(obs), device=device)).argmax(1).cpu().numpy()
+            greedy = agent.act(torch.as_tensor(lives.acting(obs), device=device)).cpu().numpy()
             actions = np.where(rng.random(args.num_envs) < epsilon, actions, greedy)
-        next_obs, rewards, terminations, truncations, info = tracker.step(envs, actions)
-        terminals = lives.step(info["lives"], terminations, was_done)  # game over or life lost: stop bootstrapping
-        done = terminations | truncations  # only a game over (or the frame cap) ends the episode
+        tracker.send(envs, actions)  # the emulators step in ale-py's threads while the learner updates below
         previous_step, global_step = global_step, global_step + args.num_envs  # everything below is logged at this step
 
+        # learn: `replay_ratio` gradient updates per agent step once the replay holds `learning_starts` steps (the
+        # transition in flight joins the replay after them: a one-step lag that lets learning overlap acting)
+        if rb.t * args.num_envs > args.learning_starts and rb.can_sample():
+            update_credit += args.replay_ratio * args.num_envs
+            while update_credit >= 1.0:
+                update_credit -= 1.0
+                td_loss, aux_loss, q_mean = agent.update()
+                finite = torch.isfinite(td_loss) & torch.isfinite(q_mean)
+                nonfinite_at = torch.where((nonfinite_at < 0) & ~finite, global_step, nonfinite_at)
+
+        next_obs, rewards, terminations, truncations, info = envs.recv()
+        terminals = lives.step(info["lives"], terminations, was_done)  # game over or life lost: stop bootstrapping
+        done = terminations | truncations  # only a game over (or the frame cap) ends the episode
         # store one frame per env; at a reset step that frame is the final observation of the ended episode
         rb.add(obs[:, -1], actions, rewards, terminals, was_done)
         episode_return += rewards
@@ -1580,15 +1619,6 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
         episode_return[done], episode_length[done] = 0.0, 0
         iteration_returns += finished
         obs, was_done = tracker.reset_ended(envs, was_done, next_obs), done
-
-        # learn: `replay_ratio` gradient updates per agent step once the replay holds `learning_starts` steps
-        if rb.t * args.num_envs > args.learning_starts and rb.can_sample():
-            update_credit += args.replay_ratio * args.num_envs
-            while update_credit >= 1.0:
-                update_credit -= 1.0
-                td_loss, aux_loss, q_mean = train_step(*rb.sample(args.batch_size))
-                finite = torch.isfinite(td_loss) & torch.isfinite(q_mean)
-                nonfinite_at = torch.where((nonfinite_at < 0) & ~finite, global_step, nonfinite_at)
 
         # log
         if global_step // args.log_every != previous_step // args.log_every:
@@ -1651,7 +1681,7 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
     summary = {"script": script, "game": game_name(rom), "exp_name": args.exp_name, "seed": args.seed,
                "global_step": global_step, "wall_time_s": time.time() - start_time, "eval_returns": final["returns"],
                "eval_human_normalized_score": final["human_normalized_score"], "evaluations": evaluations,
-               "args": vars(args)}
+               "args": vars(args), **peak_memory(device)}
     with open(os.path.join(run_dir, "summary.json"), "w") as f:  # written last: marks a finished run
         json.dump(summary, f, indent=1)
 

@@ -132,14 +132,19 @@ def measure(script: str, moe_type: str, opts) -> dict:
                      cuda=device.type == "cuda")
     fields = set(module.Args.__dataclass_fields__)
     args = module.Args(**{k: v for k, v in overrides.items() if k in fields})
-    if hasattr(module, "resolve_agent_defaults"):  # cql_softmoe.py: defaults that depend on --agent
-        args = module.resolve_agent_defaults(args)
     envs = module.make_env(rom, 1, protocol)
     num_actions = int(envs.single_action_space.n)
     envs.close()
     torch.manual_seed(0)
-    agent = module.build_agent(args, num_actions, device)
-    fill_replay(agent.rb, opts.fill // agent.rb.num_envs, num_actions)
+    if spec.kind == "offline":  # cql_softmoe.py: --agent sets some defaults; the fixed replay takes the random frames
+        args = module.with_agent_defaults(args)
+        agent = module.build_agent(args, num_actions, device, opts.fill)
+        fill_replay(agent.rb, opts.fill, num_actions)
+        lo, hi = agent.rb.valid_range()
+        agent.rb.starts = torch.arange(lo, hi, device=device)
+    else:
+        agent = module.build_agent(args, num_actions, device)
+        fill_replay(agent.rb, opts.fill // agent.rb.num_envs, num_actions)
     result = {"script": script, "moe_type": moe_type, "num_experts": overrides["num_experts"],
               "parameters": sum(p.numel() for p in agent.q_network.parameters()),
               "updates_per_s": updating(agent, opts.updates, device)}

@@ -98,7 +98,8 @@ def play(module, rom, steps, num_envs=2, seed=3):
     for _ in range(steps):
         acting = lives.acting(obs)
         actions = rng.integers(envs.single_action_space.n, size=num_envs)
-        next_obs, rewards, terminations, truncations, info = tracker.step(envs, actions)
+        tracker.send(envs, actions)
+        next_obs, rewards, terminations, truncations, info = envs.recv()
         terminals = lives.step(info["lives"], terminations, was_done)
         rb.add(obs[:, -1], actions, rewards, terminals, was_done)
         log.append({"raw": obs.copy(), "acting": acting, "rewards": rewards, "terminal": terminals,

@@ -11,7 +11,7 @@ import torch
 
 from conftest import ROOT, read_scalars, run_script
 
-BASE = ["--encoder", "nature", "--num-experts", "2", "--learning-starts", "300", "--buffer-size", "3000",
+BASE = ["--encoder", "nature", "--num-experts", "2", "--learning-starts", "300", "--buffer-size", "3000", "--batch-size", "8",
         "--metrics-every", "0", "--log-every", "100", "--target-network-frequency", "200"]
 
 
@@ -23,7 +23,7 @@ def only(pattern):
 # every online script, on a game where an untrained greedy (or noisy) agent still ends episodes quickly, with its own
 # flags: the Atari 100k agents learn at every step and evaluate 100 games at the end by default; fewer and smaller
 # updates keep these runs as short as the others
-ATARI100K = ("--replay-ratio", "0.25", "--batch-size", "8", "--eval-episodes", "0")
+ATARI100K = ("--replay-ratio", "0.25", "--eval-episodes", "0")
 ONLINE = [("dqn_softmoe", "Breakout", ()), ("rainbow_softmoe", "SpaceInvaders", ()),
           ("der_softmoe", "SpaceInvaders", ATARI100K), ("drq_softmoe", "Breakout", ATARI100K)]
 
@@ -61,9 +61,10 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, scrip
     assert len(sa["charts/episodic_return"]) >= 1 and len(sa["losses/td_loss"]) >= 4
 
 
-@pytest.mark.parametrize("script,game,extra", ONLINE)
+# the signal handling sits in the shared checkpoint block; one script per training loop (online, Atari 100k) wires it
+@pytest.mark.parametrize("script,game,extra", [ONLINE[0], ONLINE[2]])
 def test_preemption_signal_checkpoints_and_resume_auto_finishes(tmp_path, script, game, extra):
-    flags = [*base(script), *extra, "--env-id", game, "--runs-dir", str(tmp_path), "--total-timesteps", "1200",
+    flags = [*base(script), *extra, "--env-id", game, "--runs-dir", str(tmp_path), "--total-timesteps", "800",
              "--print-every", "100", "--exp-name", "pre"]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, f"{script}.py"), "--no-cuda", *flags],
@@ -78,13 +79,13 @@ def test_preemption_signal_checkpoints_and_resume_auto_finishes(tmp_path, script
     run_dir = only(f"{tmp_path}/{game}__pre__1__*")
     (checkpoint,) = glob.glob(f"{run_dir}/checkpoints/step_*.pt")
     stopped_at = int(os.path.basename(checkpoint)[5:-3])
-    assert 400 <= stopped_at < 1200 and not os.path.exists(f"{run_dir}/summary.json")
+    assert 400 <= stopped_at < 800 and not os.path.exists(f"{run_dir}/summary.json")
     resumed = run_script(script, *flags, "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed at agent step {stopped_at}" in resumed.stdout
     assert os.path.exists(f"{run_dir}/summary.json") and len(glob.glob(f"{tmp_path}/*")) == 1
     steps = [s for s, _ in read_scalars(run_dir)["charts/epsilon"]]
-    assert steps == sorted(set(steps)) and steps[-1] == 1200  # logging continued at the same steps, once each
+    assert steps == sorted(set(steps)) and steps[-1] == 800  # logging continued at the same steps, once each
 
 
 @pytest.mark.parametrize("script,game,extra", ONLINE)

@@ -462,7 +462,7 @@ def test_bad_input_is_one_clear_line(tmp_path):
 # SpaceInvaders: with noisy nets the untrained agent acts greedily from the first step, and in SpaceInvaders even a
 # constant action loses all lives in 380-730 steps (sticky actions), so these seeded runs see episodes end; a greedy
 # agent may never serve in Breakout
-TINY = ["--encoder", "nature", "--total-timesteps", "720", "--buffer-size", "1000", "--iteration-steps", "100",
+TINY = ["--encoder", "nature", "--total-timesteps", "720", "--buffer-size", "1000", "--batch-size", "8", "--iteration-steps", "100",
         "--metrics-every", "700", "--log-every", "100", "--print-every", "360"]
 KEYS = ["charts/episodic_return", "charts/episodic_length", "charts/iteration_return", "charts/SPS", "charts/epsilon",
         "losses/td_loss", "losses/q_values", "metrics/dormant_tau0", "metrics/dormant_tau0.1", "metrics/feature_norm",

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import read_scalars, run_script
 
-TINY = ["--total-timesteps", "600", "--learning-starts", "300", "--buffer-size", "2000", "--iteration-steps", "200",
+TINY = ["--total-timesteps", "600", "--learning-starts", "300", "--buffer-size", "2000", "--batch-size", "8", "--iteration-steps", "200",
         "--metrics-every", "500", "--log-every", "100", "--print-every", "300"]
 
 
