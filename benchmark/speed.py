@@ -104,7 +104,8 @@ def full_loop(script: str, flags: list[str], learning_starts: int, total: int, d
     with tempfile.TemporaryDirectory() as runs:
         command = [sys.executable, os.path.join(ROOT, f"{script}.py"), *flags, "--runs-dir", runs,
                    "--learning-starts", str(learning_starts), "--total-timesteps", str(total), "--metrics-every", "0",
-                   "--log-every", str(max(1, (total - learning_starts) // 10)), "--print-every", str(total)]
+                   "--log-every", str(max(1, (total - learning_starts) // 10)), "--print-every", str(total),
+                   "--eval-episodes", "0"]  # an untrained greedy agent may never serve: 100 games to the 27k-step cap
         if device == "cpu":
             command.append("--no-cuda")
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
@@ -179,11 +180,19 @@ def markdown(results: list[dict], opts, machine: str) -> str:
         moe = r["moe_type"] + (f" ×{r['num_experts']}" if r["moe_type"] != "baseline" else "")
         lines.append(f"| {r['script']} | {moe} | {r['parameters']:,} | {fmt(r.get('env_only_sps'))} | "
                      f"{fmt(r.get('acting_sps'))} | {fmt(r['updates_per_s'], '{:,.1f}')} | {fmt(r.get('learning_bound_sps'))} | "
-                     f"{fmt(r.get('both_sps'))} | {gb(r.get('peak_host_bytes'))} | {gb(r.get('peak_gpu_bytes'))} | "
+                     f"{fmt(r.get('both_sps'))} | {gb(r.get('peak_host_bytes'))} | {gb(r.get('peak_gpu_bytes') or None)} | "
                      f"{gb(r['replay_bytes_1m'])} |")
     lines += ["", "learning-bound = updates/s divided by the replay ratio (the steps/s if acting were free); "
               "both = a real run of the script after its warm-up."]
     return "\n".join(lines) + "\n"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -211,7 +220,8 @@ def main() -> None:
         sys.exit(f"speed.py: error: unknown or missing scripts {unknown}; present: {existing}")
     if opts.device == "cuda" and not torch.cuda.is_available():
         sys.exit("speed.py: error: --device cuda but torch sees no GPU; use --device cpu")
-    machine = torch.cuda.get_device_name(0) if opts.device == "cuda" else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    machine = (torch.cuda.get_device_name(0) if opts.device == "cuda" else
+               f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads") + f", torch {torch.__version__}"
     results = []
     for script in opts.scripts:
         for moe in opts.moe_types:
