@@ -88,6 +88,12 @@ def finished_dir(run: Run, runs_dir: str, index: dict | None = None) -> str | No
     return None
 
 
+def runs_dir_of(run: Run) -> str:
+    """The --runs-dir a run writes to (the scripts' default: runs)."""
+    found = [part[1] for name, part in split_flags(run.flags) if name == "runs-dir" and len(part) > 1]
+    return found[-1] if found else "runs"
+
+
 def split_done(runs: list[Run], runs_dir: str) -> tuple[list[Run], list[Run]]:
     """(runs still to do, runs already finished)."""
     todo, done, index = [], [], index_run_dirs(runs_dir)
@@ -222,75 +228,124 @@ def preempt_signal() -> signal.Signals:
 
 
 class RunJob(_Checkpointable):
-    """One run as a submitit job: starts the script as a child process and waits for it.
+    """Runs as one submitit job: starts each script as a child process, all at once (with --runs-per-job, they share
+    the job's GPUs), and waits for them.
 
-    On the preemption/time-limit signal, submitit calls `checkpoint()`, which forwards the signal to the
-    script, waits up to `grace_s` for its checkpoint, and returns this job for submitit to requeue. When the
-    script exits with 75 by itself (SIGTERM forwarded, or any other stop), the job requeues itself too.
+    On the preemption/time-limit signal, submitit calls `checkpoint()`, which forwards the signal to the scripts,
+    waits up to `grace_s` for their checkpoints, and returns a job of the runs that did not finish for submitit to
+    requeue. When a script exits with 75 by itself (SIGTERM forwarded, or any other stop), the job requeues the runs
+    that exited with 75 once the others have ended. A run that fails is reported and not requeued. A (re)started
+    job skips runs that have finished meanwhile (summary.json), so a run never starts over in a new directory.
     """
 
-    def __init__(self, command: list[str], cwd: str, env: dict, grace_s: float = 80.0):
-        self.command, self.cwd, self.env, self.grace_s = list(command), cwd, dict(env), grace_s
-        self._proc = None
+    def __init__(self, runs: list[Run], cwd: str, env: dict, python: str = sys.executable, grace_s: float = 80.0):
+        self.runs, self.cwd, self.env, self.python, self.grace_s = list(runs), cwd, dict(env), python, grace_s
+        self.commands = [run.command(python) for run in self.runs]
+        self._procs: list[subprocess.Popen] = []
 
-    def __getstate__(self):  # the child process does not travel with the pickled job
-        return {k: v for k, v in self.__dict__.items() if k != "_proc"}
+    def __getstate__(self):  # the child processes do not travel with the pickled job
+        return {k: v for k, v in self.__dict__.items() if k != "_procs"}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, _proc=None)
+        self.__dict__.update(state, _procs=[])
 
     def _forward(self, signum, frame=None) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.send_signal(signum)
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    @staticmethod
+    def _relay(proc: subprocess.Popen, prefix: str) -> None:
+        for line in proc.stdout:  # one run's lines, tagged, into the job's log
+            sys.stdout.write(prefix + line)
+            sys.stdout.flush()
+
+    def _unfinished(self) -> list[Run]:
+        """Runs to requeue: those that checkpointed (75), were stopped by a signal, or are still running."""
+        return [r for r, p in zip(self.runs, self._procs)
+                if p.poll() is None or p.returncode == EXIT_PREEMPTED or p.returncode < 0]
+
+    def _failed(self) -> list[tuple[list[str], int]]:
+        """Runs that ended with an error or were killed (an out-of-memory kill is -9), not by a checkpoint (75)."""
+        return [(c, p.returncode) for c, p in zip(self.commands, self._procs)
+                if p.poll() is not None and p.returncode not in (0, EXIT_PREEMPTED)]
 
     def __call__(self) -> dict:
-        print(f"$ {shlex.join(self.command)}", flush=True)
-        self._proc = subprocess.Popen(self.command, cwd=self.cwd, env=dict(os.environ, **self.env),
-                                      start_new_session=True)  # signals reach it through us only, once
-        signal.signal(signal.SIGTERM, self._forward)  # submitit ignores SIGTERM; the script checkpoints on it
+        finished = [r for r in self.runs if finished_dir(r, os.path.join(self.cwd, runs_dir_of(r)))]
+        for run in finished:
+            print(f"already finished: {run.key}", flush=True)
+        self.runs = [r for r in self.runs if r not in finished]
+        self.commands = [run.command(self.python) for run in self.runs]
+        if not self.runs:
+            return {"commands": [], "returncodes": []}
+        packed = len(self.commands) > 1
+        self._procs = []
+        for run, command in zip(self.runs, self.commands):
+            print(f"$ {shlex.join(command)}", flush=True)
+            # a new session: signals reach the scripts through this job only, once
+            proc = subprocess.Popen(command, cwd=self.cwd, env=dict(os.environ, **self.env), start_new_session=True,
+                                    **(dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) if packed else {}))
+            if packed:
+                threading.Thread(target=self._relay, args=(proc, f"[{run.key}] "), daemon=True).start()
+            self._procs.append(proc)
+        signal.signal(signal.SIGTERM, self._forward)  # submitit ignores SIGTERM; the scripts checkpoint on it
         # poll, not wait(): a blocking wait() holds Popen's lock, and checkpoint() (run inside submitit's signal
-        # handler, on this thread) could then neither see the script exit nor wait for it
-        while (code := self._proc.poll()) is None:
+        # handler, on this thread) could then neither see the scripts exit nor wait for them
+        while any(proc.poll() is None for proc in self._procs):
             time.sleep(0.5)
-        if code == EXIT_PREEMPTED:
-            print("the run checkpointed and exited with 75: requeueing", flush=True)
+        failed = self._failed()
+        for command, code in failed:
+            print(f"FAILED with exit code {code}: {shlex.join(command)}", flush=True)
+        if any(proc.returncode == EXIT_PREEMPTED for proc in self._procs):
+            print(f"{len(self._unfinished())} of {len(self.commands)} runs checkpointed and exited with 75: requeueing "
+                  "them", flush=True)
             handler = signal.getsignal(preempt_signal())
             if callable(handler):  # submitit's handler: calls checkpoint() below, requeues, exits
                 os.kill(os.getpid(), preempt_signal())
                 time.sleep(5)  # the handler runs before this returns
-            raise RuntimeError("the run was interrupted (exit 75) and this executor cannot requeue; submit it again")
-        if code != 0:
-            raise RuntimeError(f"{shlex.join(self.command)} exited with code {code}")
-        return {"command": self.command, "returncode": code}
+            raise RuntimeError("a run was interrupted (exit 75) and this executor cannot requeue; submit it again")
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {len(self.commands)} runs failed: "
+                               + "; ".join(f"{shlex.join(c)} exited with code {code}" for c, code in failed))
+        return {"commands": self.commands, "returncodes": [proc.returncode for proc in self._procs]}
 
     def checkpoint(self, *args, **kwargs):
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            print(f"forwarding {preempt_signal().name} to the run and waiting for its checkpoint", flush=True)
-            proc.send_signal(preempt_signal())
-            try:
-                proc.wait(timeout=self.grace_s)
-            except subprocess.TimeoutExpired:
-                print(f"the run did not stop within {self.grace_s:.0f}s", flush=True)
-        return _DelayedSubmission(RunJob(self.command, self.cwd, self.env, self.grace_s))
+        running = [proc for proc in self._procs if proc.poll() is None]
+        if running:
+            print(f"forwarding {preempt_signal().name} to {len(running)} runs and waiting for their checkpoints",
+                  flush=True)
+            for proc in running:
+                proc.send_signal(preempt_signal())
+            deadline = time.time() + self.grace_s
+            for proc in running:
+                try:
+                    proc.wait(timeout=max(0.0, deadline - time.time()))
+                except subprocess.TimeoutExpired:
+                    print(f"a run did not stop within {self.grace_s:.0f}s", flush=True)
+        todo = self._unfinished() if self._procs else self.runs  # requeued before it started: all of them
+        return _DelayedSubmission(RunJob(todo, self.cwd, self.env, self.python, self.grace_s))
 
 
 def launch_submitit(runs: list[Run], folder: str, cluster: str = "slurm", partition: str | None = None,
                     time_min: int = 1440, gpus_per_run: int = 1, cpus_per_run: int = 4, mem_gb: float | None = None,
                     array_parallelism: int = 256, account: str | None = None, qos: str | None = None,
                     constraint: str | None = None, max_requeues: int = 20, setup: list[str] | None = None,
-                    name: str = "benchmark", python: str = sys.executable) -> list:
-    """Submit one job per run, as one Slurm array (one GPU each), through submitit; returns the jobs.
+                    name: str = "benchmark", python: str = sys.executable, runs_per_job: int = 1) -> list:
+    """Submit the runs as one Slurm array through submitit, `runs_per_job` runs per job; returns the jobs.
 
-    cluster "local" or "debug" runs the same jobs on this machine with submitit's local/debug executor.
+    A job gets `gpus_per_run` GPUs, which its runs share (one 1-env run leaves most of a modern GPU idle), and
+    `cpus_per_run` cores and `mem_gb` of memory per run. cluster "local" or "debug" runs the same jobs on this
+    machine with submitit's local/debug executor.
     """
+    if runs_per_job < 1:
+        raise ValueError(f"--runs-per-job must be at least 1, got {runs_per_job}")
     import submitit
 
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=max_requeues)
     params = dict(name=name, timeout_min=time_min, gpus_per_node=gpus_per_run, tasks_per_node=1,
-                  cpus_per_task=cpus_per_run)
+                  cpus_per_task=cpus_per_run * min(runs_per_job, len(runs)))
     if mem_gb:
-        params["mem_gb"] = mem_gb
+        params["mem_gb"] = mem_gb * min(runs_per_job, len(runs))
     if cluster == "slurm":
         extra = {k: v for k, v in (("account", account), ("qos", qos), ("constraint", constraint)) if v}
         params.update(slurm_array_parallelism=array_parallelism, slurm_additional_parameters=extra,
@@ -306,5 +361,6 @@ def launch_submitit(runs: list[Run], folder: str, cluster: str = "slurm", partit
     python_path = ROOT + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
     with submitit.helpers.environment_variables(PYTHONPATH=python_path):  # workers unpickle benchmark.launch.RunJob
         with executor.batch():
-            jobs = [executor.submit(RunJob(run.command(python), cwd, env)) for run in runs]
+            jobs = [executor.submit(RunJob(runs[i:i + runs_per_job], cwd, env, python))
+                    for i in range(0, len(runs), runs_per_job)]
     return jobs

@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("Slurm launcher (submitit)")
     s.add_argument("--partition", default=None, help="Slurm partition")
     s.add_argument("--time-min", type=int, default=1440, help="time limit per job in minutes (jobs requeue after it)")
-    s.add_argument("--gpus-per-run", type=int, default=1, help="GPUs per run")
+    s.add_argument("--gpus-per-run", type=int, default=1, help="GPUs per job (shared by its --runs-per-job runs)")
+    s.add_argument("--runs-per-job", type=int, default=1,
+                   help="runs sharing one job and its GPUs (each with its own --cpus-per-run and --mem-gb)")
     s.add_argument("--cpus-per-run", type=int, default=4, help="CPU cores per run (also its thread count)")
     s.add_argument("--mem-gb", type=float, default=None, help="memory per run in GB (the replay memory alone is 7 GB)")
     s.add_argument("--array-parallelism", type=int, default=256, help="runs of the array running at once")
@@ -116,6 +118,11 @@ def main(argv=None) -> int:
         experiment = get_experiment(args.experiment)
         if args.jobs < 1:
             raise BenchmarkError("--jobs must be at least 1")
+        if args.runs_per_job < 1:
+            raise BenchmarkError("--runs-per-job must be at least 1")
+        if args.runs_per_job > 1 and args.launcher != "slurm":
+            raise BenchmarkError("--runs-per-job packs runs into Slurm jobs (--launcher slurm); here, --jobs N runs N "
+                                 "at a time over the GPUs")
         runs = plan(experiment, games=args.games, num_games=args.num_games, seeds=args.seeds, variants=args.variants,
                     steps=args.steps, tag=args.tag, runs_dir=args.runs_dir, dataset_dir=args.dataset_dir, extra=extra,
                     resume=False if args.no_resume else None)
@@ -140,10 +147,11 @@ def main(argv=None) -> int:
                     jobs = launch_submitit(todo, folder, args.submitit_cluster, args.partition, args.time_min,
                                            args.gpus_per_run, args.cpus_per_run, args.mem_gb, args.array_parallelism,
                                            args.account, args.qos, args.constraint, args.max_requeues,
-                                           args.slurm_setup, name=experiment.name)
+                                           args.slurm_setup, name=experiment.name, runs_per_job=args.runs_per_job)
                 except (OSError, RuntimeError, ValueError, subprocess.CalledProcessError) as error:
                     raise BenchmarkError(f"submission through submitit failed: {str(error).strip().splitlines()[-1]}")
-                print(f"submitted {len(jobs)} jobs (first id {jobs[0].job_id}); submitit logs in {folder}")
+                print(f"submitted {len(jobs)} jobs of up to {args.runs_per_job} runs (first id {jobs[0].job_id}); "
+                      f"submitit logs in {folder}")
                 print(f"when they are done: python {os.path.relpath(os.path.join(os.path.dirname(__file__), 'report.py'))}"
                       f" {experiment.name} --runs-dir {args.runs_dir}" + (f" --tag {args.tag}" if args.tag else ""))
                 if args.submitit_cluster != "slurm":

@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT
 
 sys.path.insert(0, ROOT)
-from benchmark.launch import launch_submitit  # noqa: E402
+from benchmark.launch import RunJob, launch_submitit  # noqa: E402
 from benchmark.registry import EXPERIMENTS, plan, supports_resume  # noqa: E402
 
 TINY = ["--games", "Breakout", "--seeds", "1", "--steps", "300"]
@@ -76,7 +76,7 @@ def run_main(capsys, *args):
     return capsys.readouterr().out
 
 
-def test_slurm_path_with_submitits_local_executor(tmp_path):
+def test_slurm_path_with_submitits_local_executor(tmp_path, capsys):
     runs = str(tmp_path / "runs")
     result = run_py("fig1", "--variants", "dqn-softmoe-1", *TINY, "--runs-dir", runs, "--launcher", "slurm",
                     "--submitit-cluster", "local", "--gpus-per-run", "0", "--cpus-per-run", "1", "--time-min", "10",
@@ -86,6 +86,11 @@ def test_slurm_path_with_submitits_local_executor(tmp_path):
     (name,) = finished(runs)
     assert name.startswith("Breakout__fig1-dqn-softmoe-1__1__")
     assert glob.glob(os.path.join(runs, "submitit", "*", "*_log.out"))  # submitit's logs, beside the runs
+    # a requeued job whose run finished meanwhile (e.g. signalled while exiting) skips it instead of starting over
+    (run,) = plan(EXPERIMENTS["fig1"], variants=["dqn-softmoe-1"], games=["Breakout"], seeds=1, steps=300,
+                  runs_dir=runs, extra=SCRIPT_FLAGS[1:])
+    assert RunJob([run], str(tmp_path), {})() == {"commands": [], "returncodes": []}
+    assert f"already finished: {run.key}" in capsys.readouterr().out and len(finished(runs)) == 1
 
 
 def children(pid: int) -> list[int]:
@@ -101,24 +106,29 @@ def children(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the job's process in /proc")
-def test_submitit_job_forwards_preemption_and_requeues(tmp_path):
+def test_packed_submitit_job_forwards_preemption_and_requeues_the_unfinished_run(tmp_path):
     if not supports_resume("dqn_softmoe"):
         pytest.skip("dqn_softmoe.py has no --resume yet")
     runs_dir = str(tmp_path / "runs")
-    # random play only (learning starts at the end): a few seconds of real stepping, long enough to be preempted
-    (run,) = plan(EXPERIMENTS["fig1"], variants=["dqn-baseline-1"], games=["Breakout"], seeds=1, steps=8_000,
-                  runs_dir=runs_dir, extra=["--encoder", "nature", "--learning-starts", "8000", "--buffer-size", "2000",
-                                            "--metrics-every", "0", "--no-cuda"])
-    (job,) = launch_submitit([run], str(tmp_path / "submitit" / "%j"), cluster="local", gpus_per_run=0, cpus_per_run=1,
-                             time_min=60)  # signalled well before its time limit: a preemption
-    deadline = time.time() + 120
-    while not glob.glob(os.path.join(runs_dir, "*", "events.out.tfevents.*")):  # the script is running
+    flags = ["--encoder", "nature", "--buffer-size", "2000", "--metrics-every", "0", "--no-cuda"]
+    # two runs in one job (--runs-per-job 2): a short one that finishes, and random play only (learning starts at
+    # the end) long enough to be preempted twice
+    (short,) = plan(EXPERIMENTS["fig1"], variants=["dqn-softmoe-1"], games=["Breakout"], seeds=1, steps=300,
+                    runs_dir=runs_dir, extra=[*flags, "--learning-starts", "300"])
+    (long,) = plan(EXPERIMENTS["fig1"], variants=["dqn-baseline-1"], games=["Breakout"], seeds=1, steps=12_000,
+                   runs_dir=runs_dir, extra=[*flags, "--learning-starts", "12000"])
+    (job,) = launch_submitit([short, long], str(tmp_path / "submitit" / "%j"), cluster="local", gpus_per_run=0,
+                             cpus_per_run=1, time_min=60, runs_per_job=2)  # signalled well before its time limit
+    deadline = time.time() + 150
+    while not glob.glob(os.path.join(runs_dir, "Breakout__fig1-dqn-softmoe-1__*", "summary.json")):  # short: done
         assert time.time() < deadline and job.state != "FINISHED", job.stdout()
         time.sleep(0.2)
-    time.sleep(0.5)
     (worker,) = children(job._process.pid)  # the submitit task running RunJob (the controller's child)
+    while len(children(worker)) > 1:  # the short run's process has exited
+        assert time.time() < deadline, job.stdout()
+        time.sleep(0.1)
     os.kill(worker, signal.SIGUSR2)  # what Slurm sends before a preemption or the time limit
-    while "resumed at agent step" not in job.stdout():  # requeued: a new task continues from the checkpoint
+    while "resumed at agent step" not in job.stdout():  # requeued: a new task continues the long run only
         assert time.time() < deadline and job.state != "FINISHED", job.stdout()
         time.sleep(0.1)
     time.sleep(0.3)  # the script's signal handlers are installed right after that line
@@ -126,10 +136,13 @@ def test_submitit_job_forwards_preemption_and_requeues(tmp_path):
     os.kill(worker, signal.SIGTERM)  # forwarded to the script, which checkpoints and exits 75: the job requeues itself
     job.result()  # waits through the requeues; raises if the job failed
     log = job.stdout()
-    assert "forwarding SIGUSR2 to the run" in log and "SIGUSR2 at agent step" in log
-    assert "SIGTERM at agent step" in log and "the run checkpointed and exited with 75: requeueing" in log
-    assert log.count("resumed at agent step") == 2
-    (run_dir,) = glob.glob(os.path.join(runs_dir, "Breakout__*"))  # continued in place, not started over
-    summary = json.load(open(os.path.join(run_dir, "summary.json")))
-    assert summary["global_step"] == 8_000
+    # both runs' output, tagged with their names, in the job's log
+    assert f"[{short.key}] done: 300 agent steps" in log and f"[{long.key}] SIGUSR2 at agent step" in log
+    assert "forwarding SIGUSR2 to 1 runs" in log
+    assert "SIGTERM at agent step" in log and "1 of 1 runs checkpointed and exited with 75: requeueing" in log
+    assert log.count("resumed at agent step") == 2 and log.count("--exp-name fig1-dqn-softmoe-1") == 1  # short ran once
+    (run_dir,) = glob.glob(os.path.join(runs_dir, "Breakout__fig1-dqn-baseline-1__*"))  # continued in place
+    assert json.load(open(os.path.join(run_dir, "summary.json")))["global_step"] == 12_000
+    (short_dir,) = glob.glob(os.path.join(runs_dir, "Breakout__fig1-dqn-softmoe-1__*"))
+    assert json.load(open(os.path.join(short_dir, "summary.json")))["global_step"] == 300
     assert "this job is preempted" in job.stderr()

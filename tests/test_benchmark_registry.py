@@ -198,6 +198,8 @@ def test_bad_input_is_one_clear_line():
     (["fig1", "--seeds", "0", "--dry-run"], "run.py: error: --seeds, --num-games and --steps must be positive"),
     (["fig1", "--tag", "a__b", "--dry-run"], "run.py: error: --tag 'a__b': use letters, digits"),
     ([], "run.py: error: name an experiment (or use --list)"),
+    (["fig1", "--runs-per-job", "4", "--dry-run"], "run.py: error: --runs-per-job packs runs into Slurm jobs"),
+    (["fig1", "--launcher", "slurm", "--runs-per-job", "0"], "run.py: error: --runs-per-job must be at least 1"),
 ])
 def test_bad_options_are_one_clear_line(capsys, args, message):
     from benchmark import run
