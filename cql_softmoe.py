@@ -1375,9 +1375,10 @@ def huber_sample_loss(q_fn, state, action, target):
     return F.huber_loss(q_fn(state).gather(0, action.unsqueeze(0)).squeeze(0), target)
 
 
-def evaluate(model, rom, episodes, epsilon, device, seed):
+def evaluate(model, rom, episodes, epsilon, device, seed, stop=None):
     """Runs `episodes` episodes at once (one env each) on the Dopamine protocol, epsilon-greedy on the network's
-    Q-values (the expected Q for C51); returns their game scores."""
+    Q-values (the expected Q for C51); returns their game scores, or None when `stop` (a StopRequest) got a signal
+    first (the games are abandoned so that the run can checkpoint within Slurm's grace time)."""
     envs = make_env(rom, episodes, "dopamine")
     obs, _ = envs.reset(seed=seed)
     rng = np.random.default_rng(seed)
@@ -1386,19 +1387,23 @@ def evaluate(model, rom, episodes, epsilon, device, seed):
     if torch.device(device).type == "cpu":  # the env's threads keep cores busy between steps: more only contend
         torch.set_num_threads(1)  # (10x faster on 2 cores)
     model.eval()
-    while not finished.all():
-        with torch.no_grad():
-            actions = model.q_values(torch.as_tensor(obs, device=device)).argmax(1).cpu().numpy()
-        explore = rng.random(episodes) < epsilon
-        actions = np.where(explore, rng.integers(envs.single_action_space.n, size=episodes), actions)
-        obs, rewards, terminations, truncations, _ = envs.step(actions)
-        returns += rewards * ~finished
-        ended = (terminations | truncations) & ~finished
-        scores[ended], finished = returns[ended], finished | ended
+    # its own copy of the torch RNG (Top1's routing noise): training draws the same numbers with or without
+    # evaluations, and an evaluation played again after a resume is the same
+    cuda = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        while not finished.all() and not (stop is not None and stop.signal):
+            with torch.no_grad():
+                actions = model.q_values(torch.as_tensor(obs, device=device)).argmax(1).cpu().numpy()
+            explore = rng.random(episodes) < epsilon
+            actions = np.where(explore, rng.integers(envs.single_action_space.n, size=episodes), actions)
+            obs, rewards, terminations, truncations, _ = envs.step(actions)
+            returns += rewards * ~finished
+            ended = (terminations | truncations) & ~finished
+            scores[ended], finished = returns[ended], finished | ended
     model.train()
     torch.set_num_threads(threads)
     envs.close()
-    return scores.tolist()
+    return scores.tolist() if finished.all() else None
 
 
 def available_memory(device) -> tuple[int, str]:
@@ -1491,7 +1496,9 @@ def prepare(args: Args):
         compared = {k: v for k, v in vars(args).items() if k not in OFFLINE_RESUMABLE}
         checkpoint = load_checkpoint(path, os.path.basename(__file__), compared, device)
         total = args.num_iterations * args.gradient_steps_per_iteration
-        if checkpoint["global_step"] >= total:
+        # at the last step but without summary.json: stopped during the final evaluation or saving, which resume
+        ended = os.path.exists(os.path.join(os.path.dirname(os.path.dirname(path)), "summary.json"))
+        if checkpoint["global_step"] > total or (checkpoint["global_step"] == total and ended):
             raise ValueError(f"checkpoint {path} is at gradient step {checkpoint['global_step']}, not below "
                              f"--num-iterations x --gradient-steps-per-iteration ({total}); raise --num-iterations")
         if [list(x) for x in checkpoint["dataset"]] != dataset_fingerprint(records):
@@ -1527,11 +1534,13 @@ def main(args: Args, rom: str, run_dir: str, checkpoint, records: list, num_acti
     steps_per_iteration = args.gradient_steps_per_iteration
     total_steps = args.num_iterations * steps_per_iteration
     global_step, scores = 0, []
+    pending_evaluation = False  # a signal interrupted the evaluation at global_step: it is played again on resume
     if checkpoint is not None:  # continue exactly where the checkpoint left off
         q_network.load_state_dict(checkpoint["q_network"])
         target_network.load_state_dict(checkpoint["target_network"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         global_step, scores = checkpoint["global_step"], checkpoint["loop"]["scores"]
+        pending_evaluation = checkpoint["loop"].get("pending_evaluation", False)
         torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
         if device.type == "cuda" and checkpoint["rng"]["cuda"]:
             torch.cuda.set_rng_state_all([s.cpu() for s in checkpoint["rng"]["cuda"]])
@@ -1576,7 +1585,8 @@ def main(args: Args, rom: str, run_dir: str, checkpoint, records: list, num_acti
             "format": CHECKPOINT_FORMAT, "script": script, "args": vars(args), "global_step": global_step,
             "q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
             "optimizer": optimizer.state_dict(), "dataset": dataset_fingerprint(records),
-            "sampler": rb.generator.get_state(), "loop": {"scores": list(scores)},
+            "sampler": rb.generator.get_state(),
+            "loop": {"scores": list(scores), "pending_evaluation": pending_evaluation},
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
         }
 
@@ -1595,9 +1605,35 @@ def main(args: Args, rom: str, run_dir: str, checkpoint, records: list, num_acti
             writer.close()
             sys.exit(EXIT_NONFINITE)
 
+    def exit_preempted(path: str) -> None:
+        progress.close()
+        print(f"{stop.signal} at gradient step {global_step}: checkpoint written to {path}; "
+              "continue with --resume auto", flush=True)
+        writer.close()
+        sys.exit(EXIT_PREEMPTED)
+
+    def run_evaluation() -> list:
+        """After each iteration: `eval_episodes` games on the Dopamine protocol (ε 0.001), logged at this step."""
+        nonlocal pending_evaluation
+        iteration = global_step // steps_per_iteration
+        print(f"evaluating {args.eval_episodes} games at gradient step {global_step}", flush=True)
+        played = evaluate(q_network, rom, args.eval_episodes, args.eval_epsilon, device,
+                          args.seed + 100 + 1_000_003 * iteration, stop)
+        pending_evaluation = played is None
+        if pending_evaluation:  # a signal: checkpoint now, the same evaluation (same network, seed) is played on resume
+            stop_if_nonfinite(check_parameters=True)
+            exit_preempted(save_checkpoint(checkpoint_state(), run_dir, global_step, args.checkpoint_keep))
+        for score in played:
+            writer.add_scalar("eval/episodic_return", score, global_step)
+        print(f"iteration {iteration}/{args.num_iterations}: evaluation over {len(played)} episodes, mean return "
+              f"{np.mean(played):.1f}", flush=True)
+        return played
+
     td_loss = None
     progress = Progress(total_steps, args.print_every, global_step)
     start_time, last_log = time.time(), (global_step, time.time())
+    if pending_evaluation:  # interrupted by a signal: played before training goes on
+        scores = run_evaluation()
     while global_step < total_steps:
         iteration = global_step // steps_per_iteration
         if args.checkpoints_per_iteration and iteration != loaded:  # the reference reloads its buffers every iteration
@@ -1639,14 +1675,7 @@ def main(args: Args, rom: str, run_dir: str, checkpoint, records: list, num_acti
         # evaluate after each iteration on the Dopamine protocol (ε 0.001), logged at the gradient step
         finished = []
         if global_step % steps_per_iteration == 0 and args.eval_episodes:
-            iteration = global_step // steps_per_iteration
-            scores = evaluate(q_network, rom, args.eval_episodes, args.eval_epsilon, device,
-                              args.seed + 100 + 1_000_003 * iteration)
-            for score in scores:
-                writer.add_scalar("eval/episodic_return", score, global_step)
-            print(f"iteration {iteration}/{args.num_iterations}: evaluation over {len(scores)} episodes, mean return "
-                  f"{np.mean(scores):.1f}", flush=True)
-            finished = scores
+            finished = scores = run_evaluation()
         progress.update(global_step, finished)
 
         # checkpoint: every `checkpoint_every` gradient steps, and when Slurm or the user asks the run to stop
@@ -1655,11 +1684,7 @@ def main(args: Args, rom: str, run_dir: str, checkpoint, records: list, num_acti
             stop_if_nonfinite(check_parameters=True)
             path = save_checkpoint(checkpoint_state(), run_dir, global_step, args.checkpoint_keep)
             if stop.signal:
-                progress.close()
-                print(f"{stop.signal} at gradient step {global_step}: checkpoint written to {path}; "
-                      "continue with --resume auto", flush=True)
-                writer.close()
-                sys.exit(EXIT_PREEMPTED)
+                exit_preempted(path)
 
     progress.close()
     stop_if_nonfinite(check_parameters=True)

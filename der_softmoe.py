@@ -1628,11 +1628,12 @@ def rainbow_loss(q_network, target_network, batch, args, weights):
 
 
 # === shared: evaluate ===
-def evaluate(model, rom: str, episodes: int, epsilon: float, device, seed: int) -> tuple[list, list]:
+def evaluate(model, rom: str, episodes: int, epsilon: float, device, seed: int, stop=None) -> tuple[list, list] | None:
     """Atari 100k evaluation (SPEC §4): `episodes` games at once in one vector env of their own on the atari100k
     protocol, each played to its first game over or truncation; a life loss ends nothing but restarts the acting
     stack, as in training. Epsilon-greedy on `model.q_values` in eval mode (noisy nets off); the training's torch RNG
-    is left as it was. Returns each game's score and length in agent steps."""
+    is left as it was. Returns each game's score and length in agent steps, or None when `stop` (a StopRequest) got
+    a signal first: the games are abandoned so that the run can checkpoint within Slurm's grace time."""
     envs = make_env(rom, episodes, "atari100k")
     obs, info = envs.reset(seed=np.array([episode_seed(seed, e, 0) for e in range(episodes)], dtype=np.int64))
     lives, rng = LifeLoss(info["lives"]), np.random.default_rng(seed)
@@ -1640,7 +1641,7 @@ def evaluate(model, rom: str, episodes: int, epsilon: float, device, seed: int) 
     finished, not_reset = np.zeros(episodes, dtype=bool), np.zeros(episodes, dtype=bool)
     model.eval()
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        while not finished.all():
+        while not finished.all() and not (stop is not None and stop.signal):
             playing = ~finished
             actions = rng.integers(envs.single_action_space.n, size=episodes)
             with torch.no_grad():  # only the games still playing need the network
@@ -1655,7 +1656,7 @@ def evaluate(model, rom: str, episodes: int, epsilon: float, device, seed: int) 
             finished |= terminations | truncations
     model.train()
     envs.close()
-    return scores.tolist(), lengths.tolist()
+    return (scores.tolist(), lengths.tolist()) if finished.all() else None
 # === end shared ===
 
 
@@ -1713,7 +1714,10 @@ def prepare(args: Args):
     if path:
         device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
         checkpoint = load_checkpoint(path, os.path.basename(__file__), vars(args), device)
-        if checkpoint["global_step"] >= args.total_timesteps:
+        # at the last step but without summary.json: stopped during the final evaluation or saving, which resume
+        ended = os.path.exists(os.path.join(os.path.dirname(os.path.dirname(path)), "summary.json"))
+        if checkpoint["global_step"] > args.total_timesteps or (
+                checkpoint["global_step"] == args.total_timesteps and ended):
             raise ValueError(f"checkpoint {path} is at agent step {checkpoint['global_step']}, not below "
                              f"--total-timesteps {args.total_timesteps}; raise --total-timesteps to train further")
         run_dir = os.path.dirname(os.path.dirname(path))
@@ -1759,6 +1763,7 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
     replay = type(rb)
 
     global_step, update_credit, iteration_returns, evaluations = 0, 0.0, [], []
+    pending_evaluation = False  # a signal interrupted the evaluation at global_step: it is played again on resume
     episode_return, episode_length = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=np.int64)
     was_done = np.zeros(args.num_envs, dtype=bool)  # these envs' next step is a reset step (next-step autoreset)
     if checkpoint is None:
@@ -1774,6 +1779,7 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
         global_step, update_credit, iteration_returns = checkpoint["global_step"], loop["update_credit"], loop["iteration_returns"]
         episode_return, episode_length = loop["episode_return"].numpy(), loop["episode_length"].numpy()
         was_done, evaluations = loop["was_done"].numpy(), loop["evaluations"]
+        pending_evaluation = loop.get("pending_evaluation", False)
         lives = LifeLoss(np.zeros(args.num_envs))
         lives.load_state_dict(loop["lives"])
         torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
@@ -1802,7 +1808,7 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
             "loop": {"update_credit": update_credit, "iteration_returns": list(iteration_returns),
                      "episode_return": torch.as_tensor(episode_return), "episode_length": torch.as_tensor(episode_length),
                      "was_done": torch.as_tensor(was_done), "lives": lives.state_dict(),
-                     "evaluations": list(evaluations)},
+                     "evaluations": list(evaluations), "pending_evaluation": pending_evaluation},
         }
 
     nonfinite_at = torch.full((), -1, dtype=torch.long, device=device)  # first agent step with a non-finite loss
@@ -1820,10 +1826,24 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
             writer.close()
             sys.exit(EXIT_NONFINITE)
 
+    def exit_preempted(path: str) -> None:
+        progress.close()
+        print(f"{stop.signal} at agent step {global_step}: checkpoint written to {path}; "
+              "continue with --resume auto", flush=True)
+        writer.close()
+        sys.exit(EXIT_PREEMPTED)
+
     def run_evaluation() -> dict:
         """`eval_episodes` games with epsilon 0.001 and noise off, logged at this agent step (Atari 100k)."""
-        scores, lengths = evaluate(q_network, rom, args.eval_episodes, args.eval_epsilon, device,
-                                   episode_seed(args.seed + 100, 0, global_step))
+        nonlocal pending_evaluation
+        print(f"evaluating {args.eval_episodes} games at agent step {global_step}", flush=True)
+        played = evaluate(q_network, rom, args.eval_episodes, args.eval_epsilon, device,
+                          episode_seed(args.seed + 100, 0, global_step), stop)
+        pending_evaluation = played is None
+        if pending_evaluation:  # a signal: checkpoint now, the same evaluation (same network, seed) is played on resume
+            stop_if_nonfinite(check_parameters=True)
+            exit_preempted(save_checkpoint(checkpoint_state(), run_dir, global_step, args.checkpoint_keep))
+        scores, lengths = played
         for score in scores:
             writer.add_scalar("eval/episodic_return", score, global_step)
         normalized = human_normalized_score(rom, scores)
@@ -1836,6 +1856,8 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
     td_loss = None
     progress = Progress(args.total_timesteps, args.print_every, global_step)
     start_time, last_log = time.time(), (global_step, time.time())
+    if pending_evaluation and global_step < args.total_timesteps:  # interrupted during training: played first
+        evaluations.append(run_evaluation())
     while global_step < args.total_timesteps:
         # act: noisy nets explore by themselves, epsilon 0 from the first step (SPEC §4, as rainbow_softmoe.py; the
         # official agent adds a constant 0.01); without them, epsilon 1 during the warm-up, then linear over
@@ -1916,26 +1938,22 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
             stop_if_nonfinite(check_parameters=True)
             path = save_checkpoint(checkpoint_state(), run_dir, global_step, args.checkpoint_keep)
             if stop.signal:
-                progress.close()
-                print(f"{stop.signal} at agent step {global_step}: checkpoint written to {path}; "
-                      "continue with --resume auto", flush=True)
-                writer.close()
-                sys.exit(EXIT_PREEMPTED)
+                exit_preempted(path)
 
     progress.close()
     envs.close()
     stop_if_nonfinite(check_parameters=True)
     print(f"done: {global_step} agent steps in {time.time() - start_time:.0f}s", flush=True)
+    final = {"returns": [], "human_normalized_score": None}
+    if args.eval_episodes > 0:  # first: a signal during it checkpoints, and nothing below is written twice
+        final = run_evaluation()
+        evaluations.append(final)
     if args.save_replay:
         print(f"replay written to {', '.join(save_replay_dataset(rb, args.save_replay, game_name(rom)))}", flush=True)
     if args.save_model:
         path = os.path.join(run_dir, "model.pt")
         torch.save({"model": q_network.state_dict(), "args": vars(args), "num_actions": num_actions}, path)
         print(f"model saved to {path}", flush=True)
-    final = {"returns": [], "human_normalized_score": None}
-    if args.eval_episodes > 0:
-        final = run_evaluation()
-        evaluations.append(final)
     writer.close()
     summary = {"script": script, "game": game_name(rom), "exp_name": args.exp_name, "seed": args.seed,
                "global_step": global_step, "wall_time_s": time.time() - start_time, "eval_returns": final["returns"],

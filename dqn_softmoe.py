@@ -1266,25 +1266,30 @@ def td_sample_loss(loss: str):
     return sample_loss
 
 
-def evaluate(model, rom, protocol, episodes, epsilon, device, seed):
-    """Runs `episodes` episodes at once (one env each) with epsilon-greedy actions; returns their game scores."""
+def evaluate(model, rom, protocol, episodes, epsilon, device, seed, stop=None):
+    """Runs `episodes` episodes at once (one env each) with epsilon-greedy actions;
+    returns their game scores, or None when `stop` (a StopRequest) got a signal first (the run then checkpoints)."""
     envs = make_env(rom, episodes, protocol)
     obs, _ = envs.reset(seed=seed)
     rng = np.random.default_rng(seed)
     returns, scores, finished = np.zeros(episodes), np.zeros(episodes), np.zeros(episodes, dtype=bool)
     model.eval()
-    while not finished.all():
-        with torch.no_grad():
-            actions = model(torch.as_tensor(obs, device=device)).argmax(1).cpu().numpy()
-        explore = rng.random(episodes) < epsilon
-        actions = np.where(explore, rng.integers(envs.single_action_space.n, size=episodes), actions)
-        obs, rewards, terminations, truncations, _ = envs.step(actions)
-        returns += rewards * ~finished
-        ended = (terminations | truncations) & ~finished
-        scores[ended], finished = returns[ended], finished | ended
+    # its own copy of the torch RNG (Top1's routing noise): training draws the same numbers with or without
+    # evaluations, and an evaluation played again after a resume is the same
+    cuda = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        while not finished.all() and not (stop is not None and stop.signal):
+            with torch.no_grad():
+                actions = model(torch.as_tensor(obs, device=device)).argmax(1).cpu().numpy()
+            explore = rng.random(episodes) < epsilon
+            actions = np.where(explore, rng.integers(envs.single_action_space.n, size=episodes), actions)
+            obs, rewards, terminations, truncations, _ = envs.step(actions)
+            returns += rewards * ~finished
+            ended = (terminations | truncations) & ~finished
+            scores[ended], finished = returns[ended], finished | ended
     model.train()
     envs.close()
-    return scores.tolist()
+    return scores.tolist() if finished.all() else None
 
 
 def build_agent(args: Args, num_actions: int, device: torch.device) -> types.SimpleNamespace:
@@ -1332,7 +1337,10 @@ def prepare(args: Args):
     if path:
         device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
         checkpoint = load_checkpoint(path, os.path.basename(__file__), vars(args), device)
-        if checkpoint["global_step"] >= args.total_timesteps:
+        # at the last step but without summary.json: stopped during the final evaluation or saving, which resume
+        ended = os.path.exists(os.path.join(os.path.dirname(os.path.dirname(path)), "summary.json"))
+        if checkpoint["global_step"] > args.total_timesteps or (
+                checkpoint["global_step"] == args.total_timesteps and ended):
             raise ValueError(f"checkpoint {path} is at agent step {checkpoint['global_step']}, not below "
                              f"--total-timesteps {args.total_timesteps}; raise --total-timesteps to train further")
         run_dir = os.path.dirname(os.path.dirname(path))
@@ -1433,6 +1441,13 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
             writer.close()
             sys.exit(EXIT_NONFINITE)
 
+    def exit_preempted(path: str) -> None:
+        progress.close()
+        print(f"{stop.signal} at agent step {global_step}: checkpoint written to {path}; "
+              "continue with --resume auto", flush=True)
+        writer.close()
+        sys.exit(EXIT_PREEMPTED)
+
     td_loss = None
     progress = Progress(args.total_timesteps, args.print_every, global_step)
     start_time, last_log = time.time(), (global_step, time.time())
@@ -1504,28 +1519,28 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
             stop_if_nonfinite(check_parameters=True)
             path = save_checkpoint(checkpoint_state(), run_dir, global_step, args.checkpoint_keep)
             if stop.signal:
-                progress.close()
-                print(f"{stop.signal} at agent step {global_step}: checkpoint written to {path}; "
-                      "continue with --resume auto", flush=True)
-                writer.close()
-                sys.exit(EXIT_PREEMPTED)
+                exit_preempted(path)
 
     progress.close()
     envs.close()
     stop_if_nonfinite(check_parameters=True)
     print(f"done: {global_step} agent steps in {time.time() - start_time:.0f}s", flush=True)
+    scores = []
+    if args.eval_episodes > 0:  # first: a signal during it checkpoints, and nothing below is written twice
+        print(f"evaluating {args.eval_episodes} games at agent step {global_step}", flush=True)
+        scores = evaluate(q_network, rom, "dopamine", args.eval_episodes, args.eval_epsilon, device, args.seed + 100,
+                          stop)
+        if scores is None:  # a signal: checkpoint at the last step; the resumed run plays the evaluation again
+            exit_preempted(save_checkpoint(checkpoint_state(), run_dir, global_step, args.checkpoint_keep))
+        for score in scores:
+            writer.add_scalar("eval/episodic_return", score, global_step)
+        print(f"evaluation over {len(scores)} episodes: mean return {np.mean(scores):.1f}", flush=True)
     if args.save_replay:
         print(f"replay written to {', '.join(save_replay_dataset(rb, args.save_replay, game_name(rom)))}", flush=True)
     if args.save_model:
         path = os.path.join(run_dir, "model.pt")
         torch.save({"model": q_network.state_dict(), "args": vars(args), "num_actions": num_actions}, path)
         print(f"model saved to {path}", flush=True)
-    scores = []
-    if args.eval_episodes > 0:
-        scores = evaluate(q_network, rom, "dopamine", args.eval_episodes, args.eval_epsilon, device, args.seed + 100)
-        for score in scores:
-            writer.add_scalar("eval/episodic_return", score, global_step)
-        print(f"evaluation over {len(scores)} episodes: mean return {np.mean(scores):.1f}", flush=True)
     writer.close()
     summary = {"script": script, "game": game_name(rom), "exp_name": args.exp_name, "seed": args.seed,
                "global_step": global_step, "wall_time_s": time.time() - start_time, "eval_returns": scores, "args": vars(args),

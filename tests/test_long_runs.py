@@ -1,6 +1,7 @@
 """Long runs survive: checkpoints, exact resume, preemption signals, non-finite losses and bad checkpoints."""
 
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -23,7 +24,7 @@ def only(pattern):
 # every online script, on a game where an untrained greedy (or noisy) agent still ends episodes quickly, with its own
 # flags: the Atari 100k agents learn at every step and evaluate 100 games at the end by default; fewer and smaller
 # updates keep these runs as short as the others
-ATARI100K = ("--replay-ratio", "0.25", "--eval-episodes", "0")
+ATARI100K = ("--replay-ratio", "0.125", "--eval-episodes", "0")
 ONLINE = [("dqn_softmoe", "Breakout", ()), ("rainbow_softmoe", "SpaceInvaders", ()),
           ("der_softmoe", "SpaceInvaders", ATARI100K), ("drq_softmoe", "Breakout", ATARI100K)]
 
@@ -36,19 +37,20 @@ def base(script):
     return BASE
 
 
-@pytest.mark.parametrize("script,game,extra", ONLINE)
+# DER's is below, stopped by signals during its evaluations
+@pytest.mark.parametrize("script,game,extra", [ONLINE[0], ONLINE[1], ONLINE[3]])
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, script, game, extra):
     """Top1 with load balancing draws torch noise, as do noisy nets; epsilon-greedy draws numpy numbers, sticky
     actions the emulator's, prioritized replay its sum tree: parameters and every logged return and loss must still
     match exactly (CPU, deterministic)."""
     flags = [*base(script), *extra, "--env-id", game, "--moe-type", "top1", "--load-balancing-coef", "1",
              "--runs-dir", str(tmp_path), "--save-model"]
-    full = run_script(script, *flags, "--exp-name", "full", "--total-timesteps", "800")
+    full = run_script(script, *flags, "--exp-name", "full", "--total-timesteps", "700")
     assert full.returncode == 0, full.stderr[-2000:]
     first = run_script(script, *flags, "--exp-name", "split", "--total-timesteps", "450", "--checkpoint-every", "450")
     assert first.returncode == 0, first.stderr[-2000:]
     split_dir = only(f"{tmp_path}/{game}__split__1__*")
-    second = run_script(script, *flags, "--exp-name", "split", "--total-timesteps", "800", "--resume", split_dir)
+    second = run_script(script, *flags, "--exp-name", "split", "--total-timesteps", "700", "--resume", split_dir)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resumed at agent step 450" in second.stdout
     full_dir = only(f"{tmp_path}/{game}__full__1__*")
@@ -61,31 +63,78 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, scrip
     assert len(sa["charts/episodic_return"]) >= 1 and len(sa["losses/td_loss"]) >= 4
 
 
-# the signal handling sits in the shared checkpoint block; one script per training loop (online, Atari 100k) wires it
-@pytest.mark.parametrize("script,game,extra", [ONLINE[0], ONLINE[2]])
-def test_preemption_signal_checkpoints_and_resume_auto_finishes(tmp_path, script, game, extra):
-    flags = [*base(script), *extra, "--env-id", game, "--runs-dir", str(tmp_path), "--total-timesteps", "800",
-             "--print-every", "100", "--exp-name", "pre"]
+def signalled_at(script, flags, marker, sig):
+    """Run `script` until a line starts with `marker`, send `sig`, and return (returncode, stdout, stderr)."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, f"{script}.py"), "--no-cuda", *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    seen = []
     for line in proc.stdout:
-        if line.startswith("step 400/"):
-            proc.send_signal(signal.SIGUSR1)
+        seen.append(line)
+        if line.startswith(marker):
+            proc.send_signal(sig)
             break
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 75, err[-2000:]  # EX_TEMPFAIL: the launcher requeues
+    return proc.returncode, "".join(seen) + out, err
+
+
+# the signal handling sits in the shared checkpoint block; the Atari 100k loop's is tested below, with evaluations
+def test_preemption_signals_in_training_and_in_the_final_evaluation(tmp_path):
+    """DQN on Pong (an untrained agent's games end after about 760 steps): a signal during training checkpoints at
+    the current step; one during the final evaluation (--eval-episodes) abandons it and checkpoints at the last step,
+    from which --resume auto plays the evaluation; the finished run's checkpoint is then refused."""
+    flags = [*BASE, "--env-id", "Pong", "--runs-dir", str(tmp_path), "--total-timesteps", "700", "--print-every", "100",
+             "--eval-episodes", "1", "--resume", "auto"]
+    code, out, err = signalled_at("dqn_softmoe", flags, "step 400/", signal.SIGUSR1)
+    assert code == 75, err[-2000:]  # EX_TEMPFAIL: the launcher requeues
     assert "SIGUSR1 at agent step" in out and "--resume auto" in out
-    run_dir = only(f"{tmp_path}/{game}__pre__1__*")
+    run_dir = only(f"{tmp_path}/Pong__*")
     (checkpoint,) = glob.glob(f"{run_dir}/checkpoints/step_*.pt")
     stopped_at = int(os.path.basename(checkpoint)[5:-3])
-    assert 400 <= stopped_at < 800 and not os.path.exists(f"{run_dir}/summary.json")
-    resumed = run_script(script, *flags, "--resume", "auto")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed at agent step {stopped_at}" in resumed.stdout
-    assert os.path.exists(f"{run_dir}/summary.json") and len(glob.glob(f"{tmp_path}/*")) == 1
+    assert 400 <= stopped_at < 700 and not os.path.exists(f"{run_dir}/summary.json")
+    code, out, err = signalled_at("dqn_softmoe", flags, "evaluating 1 games", signal.SIGTERM)
+    assert code == 75 and f"resumed at agent step {stopped_at}" in out, err[-2000:]
+    assert "SIGTERM at agent step 700: checkpoint written" in out and "evaluation over" not in out
+    assert not os.path.exists(f"{run_dir}/summary.json")
+    last = run_script("dqn_softmoe", *flags)
+    assert last.returncode == 0, last.stderr[-2000:]
+    assert "resumed at agent step 700" in last.stdout and "evaluation over 1 episodes" in last.stdout
+    assert len(json.load(open(f"{run_dir}/summary.json"))["eval_returns"]) == 1 and len(glob.glob(f"{tmp_path}/*")) == 1
     steps = [s for s, _ in read_scalars(run_dir)["charts/epsilon"]]
-    assert steps == sorted(set(steps)) and steps[-1] == 800  # logging continued at the same steps, once each
+    assert steps == sorted(set(steps)) and steps[-1] == 700  # logging continued at the same steps, once each
+    assert "raise --total-timesteps" in bad_resume(run_dir, tmp_path, *flags[:-2])  # finished: refused
+
+
+def test_der_stopped_during_its_evaluations_resumes_them_and_equals_an_uninterrupted_run(tmp_path):
+    """DER evaluates during training and at the end (100 games by default, minutes on a CPU): a signal abandons the
+    games, checkpoints and exits 75, and the resumed run plays the same evaluation first. Evaluations, parameters,
+    returns and losses equal an uninterrupted run's (Top1 with load balancing, noisy nets, prioritized replay)."""
+    flags = [*BASE, *ATARI100K[:2], "--env-id", "SpaceInvaders", "--moe-type", "top1", "--load-balancing-coef", "1",
+             "--runs-dir", str(tmp_path), "--total-timesteps", "800", "--eval-every", "400", "--eval-episodes", "1",
+             "--save-model"]
+    full = run_script("der_softmoe", *flags, "--exp-name", "full")
+    assert full.returncode == 0, full.stderr[-2000:]
+    flags += ["--exp-name", "split", "--resume", "auto"]
+    code, out, err = signalled_at("der_softmoe", flags, "evaluating 1 games at agent step 400", signal.SIGTERM)
+    assert code == 75 and "SIGTERM at agent step 400: checkpoint written" in out, err[-2000:]
+    assert "evaluation at agent step 400" not in out  # abandoned, not logged
+    code, out, err = signalled_at("der_softmoe", flags, "evaluating 1 games at agent step 800", signal.SIGUSR1)
+    assert code == 75 and "resumed at agent step 400" in out and "evaluation at agent step 400 over 1" in out, err[-2000:]
+    assert "SIGUSR1 at agent step 800: checkpoint written" in out  # the final evaluation, after training
+    last = run_script("der_softmoe", *flags)
+    assert last.returncode == 0, last.stderr[-2000:]
+    assert "resumed at agent step 800" in last.stdout and "evaluation at agent step 800 over 1" in last.stdout
+    full_dir, split_dir = only(f"{tmp_path}/SpaceInvaders__full__1__*"), only(f"{tmp_path}/SpaceInvaders__split__1__*")
+    a, b = (json.load(open(f"{d}/summary.json")) for d in (full_dir, split_dir))
+    assert [e["step"] for e in b["evaluations"]] == [400, 800] and a["evaluations"] == b["evaluations"]
+    ma = torch.load(f"{full_dir}/model.pt", weights_only=True)["model"]
+    mb = torch.load(f"{split_dir}/model.pt", weights_only=True)["model"]
+    assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
+    sa, sb = read_scalars(full_dir), read_scalars(split_dir)
+    for key in ["charts/episodic_return", "charts/episodic_length", "losses/td_loss", "losses/aux_loss",
+                "eval/episodic_return"]:
+        assert sa[key] == sb[key], key
+    assert [s for s, _ in sb["eval/episodic_return"]] == [400, 800] and len(sa["losses/td_loss"]) >= 3
 
 
 @pytest.mark.parametrize("script,game,extra", ONLINE)

@@ -455,8 +455,9 @@ def test_short_cql_run_on_a_dataset_of_the_dqn_script(pong_dataset, tmp_path):
 
 def test_preempted_and_resumed_offline_run_equals_an_uninterrupted_one(pong_dataset, tmp_path):
     """CQL+C51 reloading one of the two runs' checkpoints each iteration, Top1 with load balancing (torch noise, also
-    in evaluation), metrics (extra batches): a run stopped by SIGUSR1 mid-way, checkpointed (exit 75) and continued
-    with --resume auto ends with the parameters, losses and returns of an uninterrupted run (CPU, deterministic)."""
+    in evaluation), metrics (extra batches): a run stopped by SIGUSR1 during its first evaluation, checkpointed (exit
+    75) and continued with --resume auto (which plays that evaluation again first) ends with the parameters, losses
+    and returns of an uninterrupted run (CPU, deterministic)."""
     flags = ["--dataset-dir", str(pong_dataset), "--env-id", "Pong", *BASE, "--agent", "cql-c51", "--runs", "1", "2",
              "--checkpoints-per-iteration", "1", "--moe-type", "top1", "--load-balancing-coef", "1", "--num-iterations",
              "2", "--gradient-steps-per-iteration", "10", "--metrics-every", "10", "--target-update-period", "4",
@@ -468,7 +469,7 @@ def test_preempted_and_resumed_offline_run_equals_an_uninterrupted_one(pong_data
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "cql_softmoe.py"), "--no-cuda", *flags, "--exp-name",
                              "split"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     for line in proc.stdout:
-        if line.startswith("step 3/"):
+        if line.startswith("evaluating 1 games at gradient step 10"):
             proc.send_signal(signal.SIGUSR1)
             break
     out, err = proc.communicate(timeout=300)
@@ -476,10 +477,10 @@ def test_preempted_and_resumed_offline_run_equals_an_uninterrupted_one(pong_data
     (split_dir,) = glob.glob(f"{tmp_path}/Pong__split__*")
     (checkpoint,) = glob.glob(f"{split_dir}/checkpoints/step_*.pt")
     stopped_at = int(os.path.basename(checkpoint)[5:-3])
-    assert 3 <= stopped_at < 20 and not os.path.exists(f"{split_dir}/model.pt")
+    assert stopped_at == 10 and not os.path.exists(f"{split_dir}/model.pt") and "iteration 1/2" not in out
     resumed = run_script("cql_softmoe", *flags, "--exp-name", "split", "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed at gradient step {stopped_at}" in resumed.stdout
+    assert f"resumed at gradient step {stopped_at}" in resumed.stdout and "iteration 1/2: evaluation" in resumed.stdout
     (full_dir,) = glob.glob(f"{tmp_path}/Pong__full__*")
     a = torch.load(f"{full_dir}/model.pt", weights_only=True)["model"]
     b = torch.load(f"{split_dir}/model.pt", weights_only=True)["model"]
