@@ -184,6 +184,10 @@ def markdown(results: list[dict], opts, machine: str) -> str:
                      f"{gb(r['replay_bytes_1m'])} |")
     lines += ["", "learning-bound = updates/s divided by the replay ratio (the steps/s if acting were free); "
               "both = a real run of the script after its warm-up."]
+    for r in results:  # the Atari 100k target: a whole run's time at the measured rate (evaluation not included)
+        if SCRIPTS[r["script"]].kind == "atari100k" and r.get("both_sps"):
+            lines.append(f"- {r['script']} {r['moe_type']}: a 100k-step run takes about "
+                         f"{100_000 / r['both_sps'] / 60:,.0f} min at the 'both' rate.")
     return "\n".join(lines) + "\n"
 
 

@@ -115,8 +115,8 @@ def test_packed_submitit_job_forwards_preemption_and_requeues_the_unfinished_run
     # the end) long enough to be preempted twice
     (short,) = plan(EXPERIMENTS["fig1"], variants=["dqn-softmoe-1"], games=["Breakout"], seeds=1, steps=300,
                     runs_dir=runs_dir, extra=[*flags, "--learning-starts", "300"])
-    (long,) = plan(EXPERIMENTS["fig1"], variants=["dqn-baseline-1"], games=["Breakout"], seeds=1, steps=12_000,
-                   runs_dir=runs_dir, extra=[*flags, "--learning-starts", "12000"])
+    (long,) = plan(EXPERIMENTS["fig1"], variants=["dqn-baseline-1"], games=["Breakout"], seeds=1, steps=8_000,
+                   runs_dir=runs_dir, extra=[*flags, "--learning-starts", "8000"])
     (job,) = launch_submitit([short, long], str(tmp_path / "submitit" / "%j"), cluster="local", gpus_per_run=0,
                              cpus_per_run=1, time_min=60, runs_per_job=2)  # signalled well before its time limit
     deadline = time.time() + 150
@@ -142,7 +142,7 @@ def test_packed_submitit_job_forwards_preemption_and_requeues_the_unfinished_run
     assert "SIGTERM at agent step" in log and "1 of 1 runs checkpointed and exited with 75: requeueing" in log
     assert log.count("resumed at agent step") == 2 and log.count("--exp-name fig1-dqn-softmoe-1") == 1  # short ran once
     (run_dir,) = glob.glob(os.path.join(runs_dir, "Breakout__fig1-dqn-baseline-1__*"))  # continued in place
-    assert json.load(open(os.path.join(run_dir, "summary.json")))["global_step"] == 12_000
+    assert json.load(open(os.path.join(run_dir, "summary.json")))["global_step"] == 8_000
     (short_dir,) = glob.glob(os.path.join(runs_dir, "Breakout__fig1-dqn-softmoe-1__*"))
     assert json.load(open(os.path.join(short_dir, "summary.json")))["global_step"] == 300
     assert "this job is preempted" in job.stderr()

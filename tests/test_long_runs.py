@@ -25,7 +25,7 @@ def only(pattern):
 # flags: the Atari 100k agents learn at every step and evaluate 100 games at the end by default; fewer and smaller
 # updates keep these runs as short as the others
 ATARI100K = ("--replay-ratio", "0.125", "--eval-episodes", "0")
-ONLINE = [("dqn_softmoe", "Breakout", ()), ("rainbow_softmoe", "SpaceInvaders", ()),
+ONLINE = [("dqn_softmoe", "Breakout", ()), ("rainbow_softmoe", "SpaceInvaders", ("--replay-ratio", "0.125")),
           ("der_softmoe", "SpaceInvaders", ATARI100K), ("drq_softmoe", "Breakout", ATARI100K)]
 
 

@@ -33,3 +33,21 @@ def test_measure_reports_rates_and_replay_size(script):
         assert result["learning_bound_sps"] == pytest.approx(result["updates_per_s"] / replay_ratio)
     table = speed.markdown([result], types.SimpleNamespace(**OPTS), "test machine")
     assert f"| {script} | softmoe ×2 |" in table and "test machine" in table
+
+
+def test_atari100k_rows_give_a_whole_runs_time():
+    row = dict(script="der_softmoe", moe_type="softmoe", num_experts=2, parameters=1, updates_per_s=1.0,
+               both_sps=500.0, replay_bytes_1m=1)
+    assert "der_softmoe softmoe: a 100k-step run takes about 3 min" in speed.markdown([row], types.SimpleNamespace(**OPTS), "m")
+
+
+def test_gpu_session_script_checks_its_phases(tmp_path):
+    """benchmark/gpu_session.sh (the prepared GPU measurements) parses, and an unknown phase is one clear line."""
+    import subprocess
+
+    script = f"{ROOT}/benchmark/gpu_session.sh"
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    result = subprocess.run(["bash", script, "envs1", "envs2"], capture_output=True, text=True, timeout=60,
+                            env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out")})
+    assert result.returncode == 2 and result.stdout == "gpu_session.sh: unknown phase 'envs2' (envs1, envs8, compile, atari100k)\n"
+    assert not (tmp_path / "out").exists()  # checked before anything is installed, measured or written

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The GPU measurements of the README's speed section, prepared to run in one go on a lent GPU machine that has
+# torch but no ale-py, gymnasium or tyro and no network (see DEVELOPERS.md):
+#
+#   here, once:   ../shared/tools/device-wheels.sh                # fills .whl/ (ignored by git)
+#   on the GPU:   bash benchmark/gpu_session.sh [PHASE...]         # carry .whl; results go to $OUT
+#
+# PHASE (default: envs1 envs8 atari100k; estimated 6-8 minutes on an H100, never measured yet, so give the device
+# call timeout_s 600 and run `compile` (compiles twice per script, a few minutes) in a second call if time is left):
+#   envs1     dqn/rainbow, Impala, baseline vs Soft MoE x8, 1 env (the paper's setting), eager
+#   envs8     the same with --num-envs 8
+#   compile   dqn/rainbow Soft MoE x8, 1 env, --compile
+#   atari100k der/drq, Impala, baseline vs Soft MoE x8, 1 env: the learning-bound rate gives a 100k run's time
+# Each phase writes $OUT/<phase>.md and .json (benchmark/speed.py --out; with machine.txt, 7 files: within the device
+# tool's 8 files back); copy them to
+# benchmark/results/speed/<gpu>-<phase>.md and commit. QUICK=1 shrinks every count (a smoke test of this file
+# on any machine; the numbers mean nothing then).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+phases=("$@")
+[ ${#phases[@]} -eq 0 ] && phases=(envs1 envs8 atari100k)
+for p in "${phases[@]}"; do
+  case $p in
+    envs1|envs8|compile|atari100k) ;;
+    *) echo "gpu_session.sh: unknown phase '$p' (envs1, envs8, compile, atari100k)"; exit 2 ;;
+  esac
+done
+OUT=${OUT:-gpu-results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then  # the wheels the GPU machine lacks (device-wheels.sh)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -c "import ale_py, gymnasium, tyro, torch" || { echo "gpu_session.sh: missing packages; run device-wheels.sh and carry .whl"; exit 1; }
+{ nvidia-smi || true; python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } > "$OUT/machine.txt" 2>&1
+
+if [ "${QUICK:-0}" = 1 ]; then
+  counts=(--steps 200 --updates 3 --fill 500 --loop-warmup 100 --loop-steps 100)
+else
+  counts=(--steps 5000 --updates 200 --fill 20000 --loop-warmup 2000 --loop-steps 3000)
+fi
+device=$(python3 -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+
+phase() {  # phase NAME [speed.py flags...]: one table, its log, and a line saying how long it took
+  local name=$1 start=$SECONDS
+  shift
+  echo "== $name: python benchmark/speed.py --device $device ${counts[*]} $*"
+  python3 benchmark/speed.py --device "$device" "${counts[@]}" "$@" --out "$OUT/$name.md" 2>&1
+  echo "== $name took $((SECONDS - start)) s"
+}
+
+for p in "${phases[@]}"; do
+  case $p in
+    envs1) phase envs1 --scripts dqn_softmoe rainbow_softmoe --moe-types baseline softmoe --num-envs 1 ;;
+    envs8) phase envs8 --scripts dqn_softmoe rainbow_softmoe --moe-types baseline softmoe --num-envs 8 ;;
+    compile) phase compile --scripts dqn_softmoe rainbow_softmoe --moe-types softmoe --num-envs 1 --compile ;;
+    atari100k) phase atari100k --scripts der_softmoe drq_softmoe --moe-types baseline softmoe --num-envs 1 ;;
+  esac
+done
+ls -l "$OUT"
