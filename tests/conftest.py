@@ -8,6 +8,13 @@ import sys
 
 import pytest
 
+# With pytest-xdist (`-n N`), each worker and the scripts it starts get cores/N torch threads: with every process
+# using all cores the suite ran 2x slower than serially, with the cores split it runs 1.5x faster (2 cores, -n 2).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_name, _threads)  # read when torch is imported, here and in every subprocess
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(os.path.basename(p)[: -len(".py")] for p in glob.glob(os.path.join(ROOT, "*_softmoe.py")))
 

@@ -315,17 +315,18 @@ class RandomPolicy(torch.nn.Module):
         return q
 
 
-def test_evaluation_plays_100_games_to_game_over(drq):
-    """100 Breakout games at once in one vector env; each runs to its game over (a life loss ends nothing), as an
-    independent replay of three games with the same seeds and actions shows. The training's RNG is left alone."""
+def test_evaluation_plays_its_games_to_game_over(drq):
+    """32 Breakout games at once in one vector env (the default is 100: the same code, 3x the CI time); each runs to
+    its game over (a life loss ends nothing), as an independent replay of three games with the same seeds and actions
+    shows. The training's RNG is left alone."""
     policy, seed = RandomPolicy(4), 11
     torch.manual_seed(0)
     rng_before = torch.get_rng_state()
-    scores, lengths = drq.evaluate(policy, "breakout", 100, 0.0, torch.device("cpu"), seed)
+    scores, lengths = drq.evaluate(policy, "breakout", 32, 0.0, torch.device("cpu"), seed)
     assert torch.equal(torch.get_rng_state(), rng_before) and policy.training
-    assert len(scores) == len(lengths) == 100 and len(policy.calls) == max(lengths) < 27_000
+    assert len(scores) == len(lengths) == 32 and len(policy.calls) == max(lengths) < 27_000
     lengths = np.array(lengths)
-    for game in (0, 1, 57):
+    for game in (0, 1, 29):
         actions = []
         for k, q in enumerate(policy.calls[: lengths[game]]):  # game g plays at step k while k < lengths[g]
             actions.append(int(q[(lengths[:game] > k).sum()].argmax()))

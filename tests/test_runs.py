@@ -21,7 +21,7 @@ def run_dir_of(tmp_path):
     ["--encoder", "nature", "--moe-type", "baseline", "--num-experts", "2"],
     ["--encoder", "nature", "--moe-type", "softmoe", "--num-experts", "4"],
     ["--encoder", "nature", "--moe-type", "top1", "--load-balancing-coef", "1.0", "--tokenization", "perfeat"],
-    ["--encoder", "nature", "--expert-variant", "big", "--num-experts", "2", "--num-envs", "2", "--replay-ratio", "0.5"],
+    ["--encoder", "nature", "--expert-variant", "big", "--num-experts", "2", "--num-envs", "2", "--replay-ratio", "0.125"],
 ])
 def test_dqn_short_run_logs_every_key(tmp_path, flags):
     result = run_script("dqn_softmoe", "--env-id", "Breakout", "--runs-dir", str(tmp_path), *TINY, *flags)
