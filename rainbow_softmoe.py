@@ -51,6 +51,8 @@ class Args:
     """use CUDA when it is available (networks, replay memory, sum tree and sampling all live on the GPU)"""
     compile: bool = False
     """compile the training step with `torch.compile`"""
+    compile_mode: Literal["default", "reduce-overhead"] = "default"
+    """with --compile: reduce-overhead captures the step in CUDA graphs and replays it (GPU only; not yet measured)"""
     runs_dir: str = "runs"
     """directory under which `{game}__{exp_name}__{seed}__{time}` run directories are created"""
 
@@ -1286,7 +1288,7 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; the launcher requeues the job, 
 EXIT_NONFINITE = 3
 CHECKPOINT_FORMAT = 1
 RESUMABLE_CHANGES = {"resume", "total_timesteps", "checkpoint_every", "checkpoint_keep", "checkpoint_replay", "cuda",
-                     "compile", "log_every", "print_every", "metrics_every", "save_model", "save_replay", "eval_episodes",
+                     "compile", "compile_mode", "log_every", "print_every", "metrics_every", "save_model", "save_replay", "eval_episodes",
                      "eval_every"}
 
 
@@ -1419,6 +1421,11 @@ class StopRequest:
 
 def check_args(args: Args) -> None:
     """Refuse flag combinations that cannot work, each with one sentence naming the flag and the fix."""
+    if args.compile_mode != "default" and not args.compile:
+        raise ValueError(f"--compile-mode {args.compile_mode} applies to --compile; add --compile")
+    if args.compile_mode == "reduce-overhead" and not (args.cuda and torch.cuda.is_available()):
+        raise ValueError("--compile-mode reduce-overhead captures CUDA graphs and needs a GPU; on the CPU use --compile "
+                         "alone")
     positive = ["num_envs", "total_timesteps", "iteration_steps", "buffer_size", "n_step", "batch_size",
                 "target_network_frequency", "num_experts", "expert_hidden", "encoder_scale", "log_every", "print_every"]
     for name in positive:
@@ -1579,7 +1586,13 @@ def build_agent(args: Args, num_actions: int, device: torch.device) -> types.Sim
         optimizer.step()
         return loss.detach(), sample_losses.detach(), aux_loss.detach(), q_mean
 
-    train_step = torch.compile(train_step) if args.compile else train_step
+    train_step = torch.compile(train_step, mode=args.compile_mode) if args.compile else train_step
+    if args.compile_mode == "reduce-overhead":  # CUDA graphs replay into the same memory: copy each step's outputs out
+        graphed = train_step
+
+        def train_step(*batch):
+            torch.compiler.cudagraph_mark_step_begin()
+            return tuple(t.clone() for t in graphed(*batch))
 
     def update():
         idx, env_ids = rb.sample_indices(args.batch_size)

@@ -9,7 +9,8 @@
 # call timeout_s 600 and run `compile` (compiles twice per script, a few minutes) in a second call if time is left):
 #   envs1     dqn/rainbow, Impala, baseline vs Soft MoE x8, 1 env (the paper's setting), eager
 #   envs8     the same with --num-envs 8
-#   compile   dqn/rainbow Soft MoE x8, 1 env, --compile
+#   compile   tests/test_compile.py on the GPU (eager = compiled, with and without CUDA graphs), then dqn/rainbow
+#             Soft MoE x8, 1 env, --compile and --compile --compile-mode reduce-overhead (compile.md, graphs.md)
 #   atari100k der/drq, Impala, baseline vs Soft MoE x8, 1 env: the learning-bound rate gives a 100k run's time
 # Each phase writes $OUT/<phase>.md and .json (benchmark/speed.py --out; with machine.txt, 7 files: within the device
 # tool's 8 files back); copy them to
@@ -55,7 +56,11 @@ for p in "${phases[@]}"; do
   case $p in
     envs1) phase envs1 --scripts dqn_softmoe rainbow_softmoe --moe-types baseline softmoe --num-envs 1 ;;
     envs8) phase envs8 --scripts dqn_softmoe rainbow_softmoe --moe-types baseline softmoe --num-envs 8 ;;
-    compile) phase compile --scripts dqn_softmoe rainbow_softmoe --moe-types softmoe --num-envs 1 --compile ;;
+    compile)  # compiled = eager on the GPU (CUDA graphs too), then both modes' speed
+      python3 -m pytest -p no:cacheprovider -q tests/test_compile.py 2>&1 | tail -5
+      phase compile --scripts dqn_softmoe rainbow_softmoe --moe-types softmoe --num-envs 1 --compile
+      phase graphs --scripts dqn_softmoe rainbow_softmoe --moe-types softmoe --num-envs 1 --compile \
+        --compile-mode reduce-overhead ;;
     atari100k) phase atari100k --scripts der_softmoe drq_softmoe --moe-types baseline softmoe --num-envs 1 ;;
   esac
 done

@@ -130,6 +130,7 @@ def measure(script: str, moe_type: str, opts) -> dict:
     rom = module.resolve_rom(opts.env_id)
     overrides = dict(env_id=opts.env_id, moe_type=moe_type, num_experts=opts.num_experts if moe_type != "baseline" else 1,
                      encoder=opts.encoder, num_envs=opts.num_envs, buffer_size=opts.buffer_size, compile=opts.compile,
+                     compile_mode=getattr(opts, "compile_mode", "default"),
                      cuda=device.type == "cuda")
     fields = set(module.Args.__dataclass_fields__)
     args = module.Args(**{k: v for k, v in overrides.items() if k in fields})
@@ -158,7 +159,7 @@ def measure(script: str, moe_type: str, opts) -> dict:
             flags = ["--env-id", opts.env_id, "--moe-type", moe_type, "--num-experts", str(overrides["num_experts"]),
                      "--encoder", opts.encoder, "--num-envs", str(opts.num_envs), "--buffer-size", str(opts.buffer_size)]
             if opts.compile:
-                flags.append("--compile")
+                flags += ["--compile", "--compile-mode", overrides["compile_mode"]]
             loop = full_loop(script, flags, opts.loop_warmup, opts.loop_warmup + opts.loop_steps, opts.device)
             result.update({"both_sps": loop["sps"], "peak_host_bytes": loop["peak_host_bytes"],
                            "peak_gpu_bytes": loop["peak_gpu_bytes"]})
@@ -169,7 +170,8 @@ def measure(script: str, moe_type: str, opts) -> dict:
 
 def markdown(results: list[dict], opts, machine: str) -> str:
     lines = [f"Machine: {machine}. Device: {opts.device}. Game {opts.env_id}, encoder {opts.encoder}, "
-             f"{opts.num_envs} env(s), batch 32, compile {'on' if opts.compile else 'off'}.",
+             f"{opts.num_envs} env(s), batch 32, compile "
+             f"{getattr(opts, 'compile_mode', 'default') if opts.compile else 'off'}.",
              f"Command: `python benchmark/speed.py {' '.join(sys.argv[1:])}`", "",
              "| script | MoE | params | env only (steps/s) | acting (steps/s) | updates/s | learning-bound (steps/s) "
              "| both (steps/s) | peak host GB | peak GPU GB | replay at 1M (GB) |",
@@ -210,6 +212,8 @@ def main() -> None:
     parser.add_argument("--num-envs", type=int, default=1, help="environments stepped together")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--compile", action="store_true", help="measure with the scripts' --compile")
+    parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead"],
+                        help="the scripts' --compile-mode (reduce-overhead: CUDA graphs)")
     parser.add_argument("--steps", type=int, default=2000, help="agent steps timed for env-only and acting")
     parser.add_argument("--updates", type=int, default=50, help="gradient updates timed")
     parser.add_argument("--fill", type=int, default=5000, help="replay transitions of random frames for the update timing")
@@ -224,6 +228,8 @@ def main() -> None:
         sys.exit(f"speed.py: error: unknown or missing scripts {unknown}; present: {existing}")
     if opts.device == "cuda" and not torch.cuda.is_available():
         sys.exit("speed.py: error: --device cuda but torch sees no GPU; use --device cpu")
+    if opts.compile_mode != "default" and not (opts.compile and opts.device == "cuda"):
+        sys.exit(f"speed.py: error: --compile-mode {opts.compile_mode} needs --compile and --device cuda")
     machine = (torch.cuda.get_device_name(0) if opts.device == "cuda" else
                f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads") + f", torch {torch.__version__}"
     results = []

@@ -1,5 +1,6 @@
 """--compile changes speed, not results: the compiled and eager `update()` of a script's `build_agent` take the same
-parameters to the same values on a fixed seed (CPU; inductor generates C++ here, Triton on a GPU)."""
+parameters to the same values on a fixed seed (CPU; inductor generates C++ here, Triton on a GPU). On a machine with
+CUDA the same comparison runs there too, with and without CUDA graphs (--compile-mode reduce-overhead)."""
 
 import sys
 
@@ -14,33 +15,45 @@ from benchmark.speed import fill_replay  # noqa: E402
 UPDATES = 3
 
 
-def train(module, compile: bool):
+def train(module, compile: bool, device: str = "cpu", mode: str = "default", updates: int = UPDATES):
     args = module.Args(env_id="Pong", encoder="nature", num_experts=2, batch_size=8, buffer_size=400,
-                       compile=compile, cuda=False)
+                       compile=compile, compile_mode=mode if compile else "default", cuda=device == "cuda")
     torch.manual_seed(0)
-    agent = module.build_agent(args, 6, torch.device("cpu"))
+    agent = module.build_agent(args, 6, torch.device(device))
     fill_replay(agent.rb, 300, 6)
     initial = {k: v.detach().clone() for k, v in agent.q_network.state_dict().items()}
-    losses = [agent.update()[0] for _ in range(UPDATES)]
+    losses = [agent.update()[0] for _ in range(updates)]
     return torch.stack(losses), initial, {k: v.detach().clone() for k, v in agent.q_network.state_dict().items()}
 
 
 # full Rainbow: the most the compiled step holds (C51, noisy nets drawing noise inside it, importance weights from
 # the sum tree); the other scripts compile the same train_step pattern (each CPU compile costs 40-80 s of CI time).
 # fallback_random makes inductor draw the noise with eager's generator.
-@pytest.mark.parametrize("script", ["rainbow_softmoe"])
-def test_compiled_update_matches_eager(script):
+CASES = [("rainbow_softmoe", "cpu", "default")]
+if torch.cuda.is_available():  # the GPU checks (benchmark/gpu_session.sh compile runs this file there)
+    CASES += [(s, "cuda", m) for s in ("dqn_softmoe", "rainbow_softmoe") for m in ("default", "reduce-overhead")]
+
+
+@pytest.mark.parametrize("script,device,mode", CASES)
+def test_compiled_update_matches_eager(script, device, mode):
     import torch._inductor.config as inductor_config
 
     torch._dynamo.reset()
     module = load_script(script)
-    eager_losses, initial, eager = train(module, False)
-    with inductor_config.patch(fallback_random=True):
-        compiled_losses, _, compiled = train(module, True)
-    torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-4, atol=1e-5)
+    updates = UPDATES + (3 if mode == "reduce-overhead" else 0)  # CUDA graphs: warm-up, recording, then replays
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 on a GPU: kernels may differ
+    try:
+        with inductor_config.patch(fallback_random=True):
+            eager_losses, initial, eager = train(module, False, device, updates=updates)
+            compiled_losses, _, compiled = train(module, True, device, mode, updates)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    tol = dict(rtol=1e-4, atol=1e-5) if device == "cpu" else dict(rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(compiled_losses, eager_losses, **tol)
     assert eager.keys() == compiled.keys()
     for name in eager:
-        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(compiled[name], eager[name], **tol, msg=name)
     # the updates did something: a comparison of untouched parameters would pass for any update
     changed = [n for n in eager if initial[n].is_floating_point() and not torch.equal(initial[n], eager[n])]
     assert len(changed) > len(eager) // 2, changed

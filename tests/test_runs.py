@@ -68,6 +68,8 @@ def test_dqn_impala_softmoe_saves_and_evaluates(tmp_path):
     (["--encoder", "nature", "--impala-filter-size", "4"], "apply to the Impala encoder"),
     (["--expert-hidden-divide", "--num-experts", "3"], "divisible by --num-experts"),
     (["--end-e", "0.5", "--start-e", "0.1"], "epsilons must satisfy"),
+    (["--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead applies to --compile; add --compile"),
+    (["--compile", "--compile-mode", "reduce-overhead"], "captures CUDA graphs and needs a GPU"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, flags, message):
     result = run_script("dqn_softmoe", "--runs-dir", str(tmp_path), *flags, timeout=120)
