@@ -1644,9 +1644,9 @@ def main(args: Args, rom: str, run_dir: str, checkpoint, records: list, num_acti
 
     td_loss = None
     progress = Progress(total_steps, args.print_every, global_step)
-    start_time, last_log = time.time(), (global_step, time.time())
     if pending_evaluation:  # interrupted by a signal: played before training goes on
         scores = run_evaluation()
+    start_time, last_log = time.time(), (global_step, time.time())  # SPS counts training only
     while global_step < total_steps:
         iteration = global_step // steps_per_iteration
         if args.checkpoints_per_iteration and iteration != loaded:  # the reference reloads its buffers every iteration

@@ -1868,9 +1868,9 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
 
     td_loss = None
     progress = Progress(args.total_timesteps, args.print_every, global_step)
-    start_time, last_log = time.time(), (global_step, time.time())
     if pending_evaluation and global_step < args.total_timesteps:  # interrupted during training: played first
         evaluations.append(run_evaluation())
+    start_time, last_log = time.time(), (global_step, time.time())  # SPS counts training only
     while global_step < args.total_timesteps:
         # act: noisy nets explore by themselves, epsilon 0 from the first step (SPEC §4, as rainbow_softmoe.py; the
         # official agent adds a constant 0.01); without them, epsilon 1 during the warm-up, then linear over

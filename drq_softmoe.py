@@ -1615,9 +1615,9 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
 
     td_loss = None
     progress = Progress(args.total_timesteps, args.print_every, global_step)
-    start_time, last_log = time.time(), (global_step, time.time())
     if pending_evaluation and global_step < args.total_timesteps:  # interrupted during training: played first
         evaluations.append(run_evaluation())
+    start_time, last_log = time.time(), (global_step, time.time())  # SPS counts training only
     while global_step < args.total_timesteps:
         # act: epsilon-greedy, epsilon 1 during the warm-up then linear over `exploration_steps` (Dopamine's
         # linearly_decaying_epsilon); acting stacks hold no frames of earlier lives, as the replay's
