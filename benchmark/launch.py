@@ -240,7 +240,7 @@ class RunJob(_Checkpointable):
 
     def __init__(self, runs: list[Run], cwd: str, env: dict, python: str = sys.executable, grace_s: float = 80.0):
         self.runs, self.cwd, self.env, self.python, self.grace_s = list(runs), cwd, dict(env), python, grace_s
-        self.commands = [run.command(python) for run in self.runs]
+        self.commands: list[list[str]] = []  # of the runs started by __call__
         self._procs: list[subprocess.Popen] = []
 
     def __getstate__(self):  # the child processes do not travel with the pickled job

@@ -39,6 +39,22 @@ def run_script(name: str, *flags: str, timeout: float = 600) -> subprocess.Compl
     )
 
 
+
+def signalled_at(name: str, flags, marker: str, sig) -> tuple[int, str, str]:
+    """Run a script like run_script until a line of its output starts with `marker`, send it `sig`, and return
+    (returncode, stdout, stderr)."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, f"{name}.py"), "--no-cuda", *flags], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(marker):
+            proc.send_signal(sig)
+            break
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, "".join(seen) + out, err
+
 def read_scalars(run_dir: str) -> dict:
     """All scalars of a run's TensorBoard files, read with tensorboard's own event reader: {tag: [(step, value)]}."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -4,13 +4,11 @@ import glob
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, read_scalars, run_script
+from conftest import read_scalars, run_script, signalled_at
 
 BASE = ["--encoder", "nature", "--num-experts", "2", "--learning-starts", "300", "--buffer-size", "3000", "--batch-size", "8",
         "--metrics-every", "0", "--log-every", "100", "--target-network-frequency", "200"]
@@ -61,21 +59,6 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, scrip
     for key in ["charts/episodic_return", "charts/episodic_length", "losses/td_loss", "losses/aux_loss"]:
         assert sa[key] == sb[key], key
     assert len(sa["charts/episodic_return"]) >= 1 and len(sa["losses/td_loss"]) >= 4
-
-
-def signalled_at(script, flags, marker, sig):
-    """Run `script` until a line starts with `marker`, send `sig`, and return (returncode, stdout, stderr)."""
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, f"{script}.py"), "--no-cuda", *flags],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith(marker):
-            proc.send_signal(sig)
-            break
-    out, err = proc.communicate(timeout=300)
-    return proc.returncode, "".join(seen) + out, err
 
 
 # the signal handling sits in the shared checkpoint block; the Atari 100k loop's is tested below, with evaluations

@@ -7,14 +7,12 @@ import gzip
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, load_script, read_scalars, run_script
+from conftest import load_script, read_scalars, run_script, signalled_at
 
 
 @pytest.fixture(scope="module")
@@ -465,15 +463,9 @@ def test_preempted_and_resumed_offline_run_equals_an_uninterrupted_one(pong_data
     full = run_script("cql_softmoe", *flags, "--exp-name", "full")
     assert full.returncode == 0, full.stderr[-2000:]
     assert full.stdout.count("loaded ") == 2  # one load per iteration
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "cql_softmoe.py"), "--no-cuda", *flags, "--exp-name",
-                             "split"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    for line in proc.stdout:
-        if line.startswith("evaluating 1 games at gradient step 10"):
-            proc.send_signal(signal.SIGUSR1)
-            break
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 75 and "SIGUSR1 at gradient step" in out, err[-2000:]
+    code, out, err = signalled_at("cql_softmoe", [*flags, "--exp-name", "split"], "evaluating 1 games at gradient step 10",
+                                  signal.SIGUSR1)
+    assert code == 75 and "SIGUSR1 at gradient step" in out, err[-2000:]
     (split_dir,) = glob.glob(f"{tmp_path}/Pong__split__*")
     (checkpoint,) = glob.glob(f"{split_dir}/checkpoints/step_*.pt")
     stopped_at = int(os.path.basename(checkpoint)[5:-3])
