@@ -54,6 +54,8 @@ class Args:
     """compile the training step with `torch.compile`"""
     compile_mode: Literal["default", "reduce-overhead"] = "default"
     """with --compile: reduce-overhead captures the step in CUDA graphs and replays it (GPU only; not yet measured)"""
+    tf32: bool = False
+    """on an NVIDIA GPU (Ampere or newer): TF32 matmuls and convolutions, faster, 10-bit mantissa (off: exact float32)"""
     runs_dir: str = "runs"
     """directory under which `{game}__{exp_name}__{seed}__{time}` run directories are created"""
 
@@ -123,7 +125,7 @@ class Args:
     load_balancing_coef: float = 0.0
     """Top1-MoE: weight of the importance and load losses of Ruiz et al. 2021 (Figure 9 uses 1.0)"""
     expert_variant: Literal["regular", "big", "all"] = "regular"
-    """Soft MoE placement (Figure 13): penultimate layer, whole network per expert, or one per layer"""
+    """Soft MoE placement (Figure 13): penultimate layer, whole network per expert, or one per layer (Impala: per stack)"""
 
     # logging, evaluation and outputs
     log_every: int = 1_000
@@ -374,14 +376,14 @@ class SoftMoE(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
         batch, n, p = tokens.shape[0], self.num_experts, self.slots_per_expert
-        if self.random_phi:  # Figure 8 (right): Phi ~ N(0, 1), redrawn at every call and never learned
-            phi = torch.randn(self.dim, n * p, device=tokens.device, dtype=tokens.dtype)
+        if self.random_phi:  # Figure 8 (right): Phi ~ N(0, 1), never learned, redrawn per sample at every call (the
+            phi = torch.randn(batch, self.dim, n * p, device=tokens.device, dtype=tokens.dtype)  # official: a key each)
         else:
             phi = self.phi
         if self.l2_norm:
-            logits = l2_normalize(tokens, -1) @ (self.scale * l2_normalize(phi, 0))
+            logits = l2_normalize(tokens, -1) @ (self.scale * l2_normalize(phi, -2))
         else:
-            logits = tokens @ phi  # (B, m, d) @ (d, n*p) -> (B, m, n*p)
+            logits = tokens @ phi  # (B, m, d) @ ([B,] d, n*p) -> (B, m, n*p)
         dispatch = logits.softmax(dim=1)  # each slot: a convex mix of the m tokens
         combine = logits.softmax(dim=2)  # each token: a convex mix of all n*p slot outputs
         slots = dispatch.transpose(1, 2) @ tokens  # (B, n*p, m) @ (B, m, d) -> (B, n*p, d), un-normalised X
@@ -463,14 +465,14 @@ class PerSampSoftMoE(nn.Module):
             self.scale = nn.Parameter(torch.ones(1))
 
     def forward(self, token: torch.Tensor, expert_outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.random_phi:
-            phi = torch.randn(self.in_features, self.num_experts, device=token.device, dtype=token.dtype)
+        if self.random_phi:  # as SoftMoE's: one Phi per sample
+            phi = torch.randn(token.shape[0], self.in_features, self.num_experts, device=token.device, dtype=token.dtype)
         else:
             phi = self.phi
         if self.l2_norm:
-            logits = l2_normalize(token, -1) @ (self.scale * l2_normalize(phi, 0))
+            logits = (l2_normalize(token, -1).unsqueeze(-2) @ (self.scale * l2_normalize(phi, -2))).squeeze(-2)
         else:
-            logits = token @ phi  # (B, D) @ (D, n) -> (B, n)
+            logits = (token.unsqueeze(-2) @ phi).squeeze(-2)  # (B, 1, D) @ ([B,] D, n) -> (B, n)
         combine = logits.softmax(-1)
         return torch.einsum("bn,bn...->b...", combine, expert_outputs), combine
 
@@ -1126,7 +1128,7 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; the launcher requeues the job, 
 EXIT_NONFINITE = 3
 CHECKPOINT_FORMAT = 1
 RESUMABLE_CHANGES = {"resume", "total_timesteps", "checkpoint_every", "checkpoint_keep", "checkpoint_replay", "cuda",
-                     "compile", "compile_mode", "log_every", "print_every", "metrics_every", "save_model", "save_replay", "eval_episodes",
+                     "compile", "compile_mode", "tf32", "log_every", "print_every", "metrics_every", "save_model", "save_replay", "eval_episodes",
                      "eval_every"}
 
 
@@ -1223,10 +1225,11 @@ def find_checkpoint(resume: str, runs_dir: str, run_prefix: str):
     return resume
 
 
-def load_checkpoint(path: str, script: str, args: dict, device) -> dict:
-    """Load with weights_only=True (tensors and plain containers only) and refuse other scripts or other flags."""
+def load_checkpoint(path: str, script: str, args: dict) -> dict:
+    """Load with weights_only=True (tensors and plain containers only) and refuse other scripts or other flags. Every
+    tensor comes to the CPU (RNG states and numpy views need it); networks, Adam and replay copy to their device."""
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated zip, a bad pickle, not a torch file at all
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:150]
         raise ValueError(f"checkpoint {path} is unreadable ({reason}); resume from an earlier one or start without --resume")
@@ -1308,6 +1311,8 @@ def check_args(args: Args) -> None:
     if args.compile_mode == "reduce-overhead" and not (args.cuda and torch.cuda.is_available()):
         raise ValueError("--compile-mode reduce-overhead captures CUDA graphs and needs a GPU; on the CPU use --compile "
                          "alone")
+    if args.tf32 and not (args.cuda and torch.cuda.is_available()):
+        raise ValueError("--tf32 applies to NVIDIA GPUs and this run is on the CPU; drop --tf32")
     args = with_agent_defaults(args)
     positive = ["num_iterations", "gradient_steps_per_iteration", "n_step", "batch_size", "target_update_period",
                 "num_experts", "expert_hidden", "encoder_scale", "log_every", "print_every"]
@@ -1442,6 +1447,8 @@ def build_agent(args: Args, num_actions: int, device: torch.device, capacity: in
     `update()` samples a batch and takes one Adam step without synchronising with the host (the training step is
     compiled with --compile). benchmark/speed.py and the tests time and check exactly this.
     """
+    if device.type == "cuda":  # PyTorch lets cuDNN convolutions use TF32 by default: pin matmuls and convs to --tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     q_network = QNetwork(args, num_actions).to(device)
     target_network = QNetwork(args, num_actions).to(device)
     target_network.load_state_dict(q_network.state_dict())
@@ -1507,7 +1514,7 @@ def prepare(args: Args):
     checkpoint = None
     if path:
         compared = {k: v for k, v in vars(args).items() if k not in OFFLINE_RESUMABLE}
-        checkpoint = load_checkpoint(path, os.path.basename(__file__), compared, device)
+        checkpoint = load_checkpoint(path, os.path.basename(__file__), compared)
         total = args.num_iterations * args.gradient_steps_per_iteration
         # at the last step but without summary.json: stopped during the final evaluation or saving, which resume
         ended = os.path.exists(os.path.join(os.path.dirname(os.path.dirname(path)), "summary.json"))
@@ -1554,9 +1561,9 @@ def main(args: Args, rom: str, run_dir: str, checkpoint, records: list, num_acti
         optimizer.load_state_dict(checkpoint["optimizer"])
         global_step, scores = checkpoint["global_step"], checkpoint["loop"]["scores"]
         pending_evaluation = checkpoint["loop"].get("pending_evaluation", False)
-        torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
+        torch.set_rng_state(checkpoint["rng"]["torch"])
         if device.type == "cuda" and checkpoint["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all([s.cpu() for s in checkpoint["rng"]["cuda"]])
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
 
     def load(iteration: int) -> None:
         """All records, or (--checkpoints-per-iteration K) K of them drawn for this iteration from (seed, iteration)."""
@@ -1636,8 +1643,8 @@ def main(args: Args, rom: str, run_dir: str, checkpoint, records: list, num_acti
         if pending_evaluation:  # a signal: checkpoint now, the same evaluation (same network, seed) is played on resume
             stop_if_nonfinite(check_parameters=True)
             exit_preempted(save_checkpoint(checkpoint_state(), run_dir, global_step, args.checkpoint_keep))
-        for score in played:
-            writer.add_scalar("eval/episodic_return", score, global_step)
+        # the mean over the games (SPEC §4); summary.json keeps the last evaluation's games
+        writer.add_scalar("eval/episodic_return", float(np.mean(played)), global_step)
         print(f"iteration {iteration}/{args.num_iterations}: evaluation over {len(played)} episodes, mean return "
               f"{np.mean(played):.1f}", flush=True)
         return played
@@ -1689,6 +1696,7 @@ def main(args: Args, rom: str, run_dir: str, checkpoint, records: list, num_acti
         finished = []
         if global_step % steps_per_iteration == 0 and args.eval_episodes:
             finished = scores = run_evaluation()
+            last_log = (global_step, time.time())  # SPS counts training only
         progress.update(global_step, finished)
 
         # checkpoint: every `checkpoint_every` gradient steps, and when Slurm or the user asks the run to stop

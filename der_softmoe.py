@@ -54,6 +54,8 @@ class Args:
     """compile the training step with `torch.compile`"""
     compile_mode: Literal["default", "reduce-overhead"] = "default"
     """with --compile: reduce-overhead captures the step in CUDA graphs and replays it (GPU only; not yet measured)"""
+    tf32: bool = False
+    """on an NVIDIA GPU (Ampere or newer): TF32 matmuls and convolutions, faster, 10-bit mantissa (off: exact float32)"""
     runs_dir: str = "runs"
     """directory under which `{game}__{exp_name}__{seed}__{time}` run directories are created"""
 
@@ -93,7 +95,9 @@ class Args:
     v_max: float = 10.0
     """largest return of the C51 support"""
     noisy: bool = True
-    """noisy nets in the heads and, with an MoE, in each expert's first layer; they explore, so training epsilon is 0"""
+    """noisy nets in the heads and, with an MoE, in each expert's first layer; they explore (see --noisy-epsilon)"""
+    noisy_epsilon: float = 0.0
+    """with noisy nets: a constant training epsilon on top of the noise (SPEC: 0; the official code and Table 2: 0.01)"""
     dueling: bool = True
     """dueling head: per atom, value + advantage - mean advantage over actions"""
     double_q: bool = True
@@ -131,7 +135,7 @@ class Args:
     load_balancing_coef: float = 0.0
     """Top1-MoE: weight of the importance and load losses of Ruiz et al. 2021 (Figure 9 uses 1.0)"""
     expert_variant: Literal["regular", "big", "all"] = "regular"
-    """Soft MoE placement (Figure 13): penultimate layer, whole network per expert, or one per layer; shared C51 head"""
+    """Soft MoE placement (Figure 13): penultimate layer, whole network per expert, or one per layer (Impala: per stack); shared C51 head"""
 
     # logging, evaluation and outputs
     log_every: int = 1_000
@@ -519,14 +523,14 @@ class SoftMoE(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
         batch, n, p = tokens.shape[0], self.num_experts, self.slots_per_expert
-        if self.random_phi:  # Figure 8 (right): Phi ~ N(0, 1), redrawn at every call and never learned
-            phi = torch.randn(self.dim, n * p, device=tokens.device, dtype=tokens.dtype)
+        if self.random_phi:  # Figure 8 (right): Phi ~ N(0, 1), never learned, redrawn per sample at every call (the
+            phi = torch.randn(batch, self.dim, n * p, device=tokens.device, dtype=tokens.dtype)  # official: a key each)
         else:
             phi = self.phi
         if self.l2_norm:
-            logits = l2_normalize(tokens, -1) @ (self.scale * l2_normalize(phi, 0))
+            logits = l2_normalize(tokens, -1) @ (self.scale * l2_normalize(phi, -2))
         else:
-            logits = tokens @ phi  # (B, m, d) @ (d, n*p) -> (B, m, n*p)
+            logits = tokens @ phi  # (B, m, d) @ ([B,] d, n*p) -> (B, m, n*p)
         dispatch = logits.softmax(dim=1)  # each slot: a convex mix of the m tokens
         combine = logits.softmax(dim=2)  # each token: a convex mix of all n*p slot outputs
         slots = dispatch.transpose(1, 2) @ tokens  # (B, n*p, m) @ (B, m, d) -> (B, n*p, d), un-normalised X
@@ -608,14 +612,14 @@ class PerSampSoftMoE(nn.Module):
             self.scale = nn.Parameter(torch.ones(1))
 
     def forward(self, token: torch.Tensor, expert_outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.random_phi:
-            phi = torch.randn(self.in_features, self.num_experts, device=token.device, dtype=token.dtype)
+        if self.random_phi:  # as SoftMoE's: one Phi per sample
+            phi = torch.randn(token.shape[0], self.in_features, self.num_experts, device=token.device, dtype=token.dtype)
         else:
             phi = self.phi
         if self.l2_norm:
-            logits = l2_normalize(token, -1) @ (self.scale * l2_normalize(phi, 0))
+            logits = (l2_normalize(token, -1).unsqueeze(-2) @ (self.scale * l2_normalize(phi, -2))).squeeze(-2)
         else:
-            logits = token @ phi  # (B, D) @ (D, n) -> (B, n)
+            logits = (token.unsqueeze(-2) @ phi).squeeze(-2)  # (B, 1, D) @ ([B,] D, n) -> (B, n)
         combine = logits.softmax(-1)
         return torch.einsum("bn,bn...->b...", combine, expert_outputs), combine
 
@@ -1361,7 +1365,7 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; the launcher requeues the job, 
 EXIT_NONFINITE = 3
 CHECKPOINT_FORMAT = 1
 RESUMABLE_CHANGES = {"resume", "total_timesteps", "checkpoint_every", "checkpoint_keep", "checkpoint_replay", "cuda",
-                     "compile", "compile_mode", "log_every", "print_every", "metrics_every", "save_model", "save_replay", "eval_episodes",
+                     "compile", "compile_mode", "tf32", "log_every", "print_every", "metrics_every", "save_model", "save_replay", "eval_episodes",
                      "eval_every"}
 
 
@@ -1458,10 +1462,11 @@ def find_checkpoint(resume: str, runs_dir: str, run_prefix: str):
     return resume
 
 
-def load_checkpoint(path: str, script: str, args: dict, device) -> dict:
-    """Load with weights_only=True (tensors and plain containers only) and refuse other scripts or other flags."""
+def load_checkpoint(path: str, script: str, args: dict) -> dict:
+    """Load with weights_only=True (tensors and plain containers only) and refuse other scripts or other flags. Every
+    tensor comes to the CPU (RNG states and numpy views need it); networks, Adam and replay copy to their device."""
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated zip, a bad pickle, not a torch file at all
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:150]
         raise ValueError(f"checkpoint {path} is unreadable ({reason}); resume from an earlier one or start without --resume")
@@ -1499,6 +1504,8 @@ def check_args(args: Args) -> None:
     if args.compile_mode == "reduce-overhead" and not (args.cuda and torch.cuda.is_available()):
         raise ValueError("--compile-mode reduce-overhead captures CUDA graphs and needs a GPU; on the CPU use --compile "
                          "alone")
+    if args.tf32 and not (args.cuda and torch.cuda.is_available()):
+        raise ValueError("--tf32 applies to NVIDIA GPUs and this run is on the CPU; drop --tf32")
     positive = ["num_envs", "total_timesteps", "iteration_steps", "buffer_size", "n_step", "batch_size",
                 "target_network_frequency", "num_experts", "expert_hidden", "encoder_scale", "log_every", "print_every"]
     for name in positive:
@@ -1518,7 +1525,12 @@ def check_args(args: Args) -> None:
     defaults = Args()
     if args.noisy and any(getattr(args, k) != getattr(defaults, k) for k in ["start_e", "end_e", "exploration_steps"]):
         raise ValueError("--start-e, --end-e and --exploration-steps apply only with --no-noisy (noisy nets explore "
-                         "with epsilon 0); drop them or add --no-noisy")
+                         "at the constant --noisy-epsilon); drop them or add --no-noisy")
+    if not 0 <= args.noisy_epsilon <= 1:
+        raise ValueError(f"--noisy-epsilon must be in [0, 1], got {args.noisy_epsilon}")
+    if not args.noisy and args.noisy_epsilon:
+        raise ValueError("--noisy-epsilon applies to noisy nets; with --no-noisy set --start-e, --end-e and "
+                         "--exploration-steps")
     if not 0 < args.gamma <= 1:
         raise ValueError(f"--gamma must be in (0, 1], got {args.gamma}")
     if args.learning_rate <= 0 or args.adam_eps <= 0:
@@ -1674,6 +1686,8 @@ def build_agent(args: Args, num_actions: int, device: torch.device) -> types.Sim
     transitions' new priorities, without synchronising with the host (the training step is compiled with
     --compile). benchmark/speed.py and the tests time and check exactly this.
     """
+    if device.type == "cuda":  # PyTorch lets cuDNN convolutions use TF32 by default: pin matmuls and convs to --tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     q_network = QNetwork(args, num_actions).to(device)
     target_network = QNetwork(args, num_actions).to(device)
     target_network.load_state_dict(q_network.state_dict())  # stays in training mode: its noise is on (Dopamine)
@@ -1725,8 +1739,7 @@ def prepare(args: Args):
     path = find_checkpoint(args.resume, args.runs_dir, prefix) if args.resume else None
     checkpoint = None
     if path:
-        device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-        checkpoint = load_checkpoint(path, os.path.basename(__file__), vars(args), device)
+        checkpoint = load_checkpoint(path, os.path.basename(__file__), vars(args))
         # at the last step but without summary.json: stopped during the final evaluation or saving, which resume
         ended = os.path.exists(os.path.join(os.path.dirname(os.path.dirname(path)), "summary.json"))
         if checkpoint["global_step"] > args.total_timesteps or (
@@ -1795,11 +1808,11 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
         pending_evaluation = loop.get("pending_evaluation", False)
         lives = LifeLoss(np.zeros(args.num_envs))
         lives.load_state_dict(loop["lives"])
-        torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
+        torch.set_rng_state(checkpoint["rng"]["torch"])
         if device.type == "cuda" and checkpoint["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all([s.cpu() for s in checkpoint["rng"]["cuda"]])
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
         rng.bit_generator.state = checkpoint["rng"]["numpy"]
-        obs = tracker.restore(envs, checkpoint["envs"], checkpoint["obs"].cpu().numpy())
+        obs = tracker.restore(envs, checkpoint["envs"], checkpoint["obs"].numpy())
     # purge_step hides what a stopped run logged after its checkpoint (all logged at steps above the checkpoint's)
     writer = SummaryWriter(run_dir, purge_step=global_step + 1 if checkpoint else None)
     if checkpoint is None:
@@ -1857,8 +1870,8 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
             stop_if_nonfinite(check_parameters=True)
             exit_preempted(save_checkpoint(checkpoint_state(), run_dir, global_step, args.checkpoint_keep))
         scores, lengths = played
-        for score in scores:
-            writer.add_scalar("eval/episodic_return", score, global_step)
+        # the mean over the games (SPEC §4); each game's return goes to summary.json
+        writer.add_scalar("eval/episodic_return", float(np.mean(scores)), global_step)
         normalized = human_normalized_score(rom, scores)
         if normalized is not None:
             writer.add_scalar("eval/human_normalized_score", normalized, global_step)
@@ -1872,11 +1885,11 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
         evaluations.append(run_evaluation())
     start_time, last_log = time.time(), (global_step, time.time())  # SPS counts training only
     while global_step < args.total_timesteps:
-        # act: noisy nets explore by themselves, epsilon 0 from the first step (SPEC §4, as rainbow_softmoe.py; the
-        # official agent adds a constant 0.01); without them, epsilon 1 during the warm-up, then linear over
-        # `exploration_steps`. The acting stack holds no frames of earlier lives, as the replay's.
+        # act: noisy nets explore by themselves, at the constant --noisy-epsilon from the first step (0, SPEC §4; the
+        # official agent: 0.01); without them, epsilon 1 during the warm-up, then linear over `exploration_steps`.
+        # The acting stack holds no frames of earlier lives, as the replay's.
         if args.noisy:
-            epsilon = 0.0
+            epsilon = args.noisy_epsilon
         else:
             epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_steps, global_step - args.learning_starts)
             epsilon = args.start_e if global_step < args.learning_starts else epsilon

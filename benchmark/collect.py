@@ -91,7 +91,8 @@ def read_run(record: RunRecord, metric: str, with_metrics: bool) -> tuple[list[d
     if metric in scalars:
         steps, values, walls = scalars[metric]
         frame = pd.DataFrame({"step": steps, "value": values, "wall": walls})
-        # several values at one step: evaluation episodes (mean), or a step logged again after a resume (same value)
+        # several values at one step: a step logged again after a resume (same value), or runs from before evaluations
+        # logged their mean (one value per episode then): their mean either way
         grouped = frame.groupby("step").agg(value=("value", "mean"), wall=("wall", "max")).reset_index()
         for step, value, wall in grouped.itertuples(index=False):
             returns.append({**base, "step": int(step), "hours": float(hours(wall)), "return": float(value)})

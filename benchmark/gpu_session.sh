@@ -9,11 +9,12 @@
 # call timeout_s 600 and run `compile` (compiles twice per script, a few minutes) in a second call if time is left):
 #   envs1     dqn/rainbow, Impala, baseline vs Soft MoE x8, 1 env (the paper's setting), eager
 #   envs8     the same with --num-envs 8
-#   compile   tests/test_compile.py on the GPU (eager = compiled, with and without CUDA graphs), then dqn/rainbow
-#             Soft MoE x8, 1 env, --compile and --compile --compile-mode reduce-overhead (compile.md, graphs.md)
+#   compile   tests/test_compile.py on the GPU (eager = compiled, with and without CUDA graphs; TF32 close to float32),
+#             then dqn/rainbow Soft MoE x8, 1 env: --compile, --compile --compile-mode reduce-overhead, and the latter
+#             with --tf32 (compile.md, graphs.md, tf32.md)
 #   atari100k der/drq, Impala, baseline vs Soft MoE x8, 1 env: the learning-bound rate gives a 100k run's time
-# Each phase writes $OUT/<phase>.md and .json (benchmark/speed.py --out; with machine.txt, 7 files: within the device
-# tool's 8 files back); copy them to
+# Each phase writes $OUT/<phase>.md and .json (benchmark/speed.py --out; with machine.txt, at most 7 files: within
+# the device tool's 8 files back); copy them to
 # benchmark/results/speed/<gpu>-<phase>.md and commit. QUICK=1 shrinks every count (a smoke test of this file
 # on any machine; the numbers mean nothing then).
 set -uo pipefail
@@ -60,7 +61,9 @@ for p in "${phases[@]}"; do
       python3 -m pytest -p no:cacheprovider -q tests/test_compile.py 2>&1 | tail -5
       phase compile --scripts dqn_softmoe rainbow_softmoe --moe-types softmoe --num-envs 1 --compile
       phase graphs --scripts dqn_softmoe rainbow_softmoe --moe-types softmoe --num-envs 1 --compile \
-        --compile-mode reduce-overhead ;;
+        --compile-mode reduce-overhead
+      phase tf32 --scripts dqn_softmoe rainbow_softmoe --moe-types softmoe --num-envs 1 --compile \
+        --compile-mode reduce-overhead --tf32 ;;
     atari100k) phase atari100k --scripts der_softmoe drq_softmoe --moe-types baseline softmoe --num-envs 1 ;;
   esac
 done

@@ -73,8 +73,8 @@ SCRIPTS = {
     # rainbow_softmoe.py: same flag names as DQN, plus --noisy/--dueling/--double-q/--prioritized/--num-atoms/...
     "rainbow_softmoe": Script("rainbow_softmoe", "Rainbow", "online", "charts/iteration_return", "--total-timesteps",
                               ONLINE_FLAGS),
-    # Atari-100k agents: --total-timesteps default 100k (12.5M for the 50M-frame runs), evaluation episodes logged
-    # as eval/episodic_return at the step of each evaluation (--eval-every, --eval-episodes default 100).
+    # Atari-100k agents: --total-timesteps default 100k (12.5M for the 50M-frame runs), evaluation episodes' mean
+    # logged as eval/episodic_return at the step of each evaluation (--eval-every, --eval-episodes default 100).
     "drq_softmoe": Script("drq_softmoe", "DrQ(ε)", "atari100k", "eval/episodic_return", "--total-timesteps",
                           ("--env-id", "--seed", "--exp-name", "--runs-dir", "--total-timesteps", "--buffer-size",
                            "--eval-every", *MOE_FLAGS)),

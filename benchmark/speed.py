@@ -130,7 +130,7 @@ def measure(script: str, moe_type: str, opts) -> dict:
     rom = module.resolve_rom(opts.env_id)
     overrides = dict(env_id=opts.env_id, moe_type=moe_type, num_experts=opts.num_experts if moe_type != "baseline" else 1,
                      encoder=opts.encoder, num_envs=opts.num_envs, buffer_size=opts.buffer_size, compile=opts.compile,
-                     compile_mode=getattr(opts, "compile_mode", "default"),
+                     compile_mode=getattr(opts, "compile_mode", "default"), tf32=getattr(opts, "tf32", False),
                      cuda=device.type == "cuda")
     fields = set(module.Args.__dataclass_fields__)
     args = module.Args(**{k: v for k, v in overrides.items() if k in fields})
@@ -160,6 +160,8 @@ def measure(script: str, moe_type: str, opts) -> dict:
                      "--encoder", opts.encoder, "--num-envs", str(opts.num_envs), "--buffer-size", str(opts.buffer_size)]
             if opts.compile:
                 flags += ["--compile", "--compile-mode", overrides["compile_mode"]]
+            if overrides["tf32"]:
+                flags += ["--tf32"]
             loop = full_loop(script, flags, opts.loop_warmup, opts.loop_warmup + opts.loop_steps, opts.device)
             result.update({"both_sps": loop["sps"], "peak_host_bytes": loop["peak_host_bytes"],
                            "peak_gpu_bytes": loop["peak_gpu_bytes"]})
@@ -171,7 +173,8 @@ def measure(script: str, moe_type: str, opts) -> dict:
 def markdown(results: list[dict], opts, machine: str) -> str:
     lines = [f"Machine: {machine}. Device: {opts.device}. Game {opts.env_id}, encoder {opts.encoder}, "
              f"{opts.num_envs} env(s), batch 32, compile "
-             f"{getattr(opts, 'compile_mode', 'default') if opts.compile else 'off'}.",
+             f"{getattr(opts, 'compile_mode', 'default') if opts.compile else 'off'}, "
+             f"{'TF32' if getattr(opts, 'tf32', False) else 'float32'} matmuls and convolutions.",
              f"Command: `python benchmark/speed.py {' '.join(sys.argv[1:])}`", "",
              "| script | MoE | params | env only (steps/s) | acting (steps/s) | updates/s | learning-bound (steps/s) "
              "| both (steps/s) | peak host GB | peak GPU GB | replay at 1M (GB) |",
@@ -214,6 +217,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="measure with the scripts' --compile")
     parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead"],
                         help="the scripts' --compile-mode (reduce-overhead: CUDA graphs)")
+    parser.add_argument("--tf32", action="store_true", help="measure with the scripts' --tf32 (GPU only)")
     parser.add_argument("--steps", type=int, default=2000, help="agent steps timed for env-only and acting")
     parser.add_argument("--updates", type=int, default=50, help="gradient updates timed")
     parser.add_argument("--fill", type=int, default=5000, help="replay transitions of random frames for the update timing")
@@ -230,6 +234,8 @@ def main() -> None:
         sys.exit("speed.py: error: --device cuda but torch sees no GPU; use --device cpu")
     if opts.compile_mode != "default" and not (opts.compile and opts.device == "cuda"):
         sys.exit(f"speed.py: error: --compile-mode {opts.compile_mode} needs --compile and --device cuda")
+    if opts.tf32 and opts.device != "cuda":
+        sys.exit("speed.py: error: --tf32 applies to --device cuda")
     machine = (torch.cuda.get_device_name(0) if opts.device == "cuda" else
                f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads") + f", torch {torch.__version__}"
     results = []

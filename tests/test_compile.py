@@ -15,8 +15,9 @@ from benchmark.speed import fill_replay  # noqa: E402
 UPDATES = 3
 
 
-def train(module, compile: bool, device: str = "cpu", mode: str = "default", updates: int = UPDATES):
-    args = module.Args(env_id="Pong", encoder="nature", num_experts=2, batch_size=8, buffer_size=400,
+def train(module, compile: bool, device: str = "cpu", mode: str = "default", updates: int = UPDATES, tf32=False,
+          encoder="nature"):
+    args = module.Args(env_id="Pong", encoder=encoder, num_experts=2, batch_size=8, buffer_size=400, tf32=tf32,
                        compile=compile, compile_mode=mode if compile else "default", cuda=device == "cuda")
     torch.manual_seed(0)
     agent = module.build_agent(args, 6, torch.device(device))
@@ -57,3 +58,22 @@ def test_compiled_update_matches_eager(script, device, mode):
     # the updates did something: a comparison of untouched parameters would pass for any update
     changed = [n for n in eager if initial[n].is_floating_point() and not torch.equal(initial[n], eager[n])]
     assert len(changed) > len(eager) // 2, changed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 exists on NVIDIA GPUs only (--tf32 is refused elsewhere)")
+@pytest.mark.parametrize("script", ["dqn_softmoe", "rainbow_softmoe"])
+def test_tf32_update_stays_close_to_float32(script):
+    """--tf32 rounds matmul/conv inputs to a 10-bit mantissa: the same updates on the Impala encoder land within
+    about 1e-3 of float32's (a bound, not equality; whether learning curves match needs full runs)."""
+    module = load_script(script)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        exact_losses, initial, exact = train(module, False, "cuda", encoder="impala")
+        tf32_losses, _, fast = train(module, False, "cuda", tf32=True, encoder="impala")
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # build_agent set them
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    torch.testing.assert_close(tf32_losses, exact_losses, rtol=2e-2, atol=1e-3)
+    for name in exact:
+        torch.testing.assert_close(fast[name], exact[name], rtol=2e-2, atol=1e-4, msg=name)
+    assert any(not torch.equal(initial[n], exact[n]) for n in exact if initial[n].is_floating_point())

@@ -80,6 +80,17 @@ def test_random_phi_is_redrawn_and_not_a_parameter(dqn):
     assert not any("phi" in name for name, _ in moe.named_parameters())
     tokens = torch.randn(1, 121, 32)
     assert not torch.allclose(moe(tokens)[0], moe(tokens)[0])
+    # one Phi per sample, as the official code's per-sample keys: a batch of one sample twice gets two routings
+    twice = moe(tokens.expand(2, -1, -1))[0]
+    assert not torch.allclose(twice[0], twice[1])
+    per_samp = dqn.PerSampSoftMoE(40, 4, random_phi=True)
+    token, outputs = torch.randn(1, 40).expand(2, -1), torch.randn(1, 4, 6).expand(2, -1, -1)
+    mixed, combine = per_samp(token, outputs)
+    assert mixed.shape == (2, 6) and not torch.allclose(combine[0], combine[1])
+    fixed = dqn.PerSampSoftMoE(40, 4, l2_norm=True)
+    mixed, combine = fixed(token, outputs)
+    torch.testing.assert_close(combine[0], combine[1])
+    torch.testing.assert_close(combine.sum(-1), torch.ones(2))
 
 
 def test_l2_norm_makes_logits_scale_invariant(dqn):

@@ -86,3 +86,14 @@ def test_shared_components_give_identical_outputs(dqn, script):
     assert dqn.srank(features) == other.srank(features)
     hidden = torch.rand(8, 2, 3, 5)
     assert dqn.dormant_fraction(hidden, None, 0.1) == other.dormant_fraction(hidden, None, 0.1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU these flags are accepted")
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_gpu_only_flags_are_refused_on_the_cpu_and_may_change_on_resume(script):
+    module = load_script(script)
+    for flags, message in [(dict(tf32=True), "--tf32 applies to NVIDIA GPUs"),
+                           (dict(compile=True, compile_mode="reduce-overhead"), "captures CUDA graphs and needs a GPU")]:
+        with pytest.raises(ValueError, match=message):
+            module.check_args(module.Args(**flags))
+    assert {"tf32", "compile", "compile_mode", "cuda"} <= module.RESUMABLE_CHANGES  # speed, not results

@@ -51,3 +51,14 @@ def test_gpu_session_script_checks_its_phases(tmp_path):
                             env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out")})
     assert result.returncode == 2 and result.stdout == "gpu_session.sh: unknown phase 'envs2' (envs1, envs8, compile, atari100k)\n"
     assert not (tmp_path / "out").exists()  # checked before anything is installed, measured or written
+
+
+def test_gpu_only_options_are_refused_on_the_cpu():
+    import subprocess
+
+    for flags, message in [(["--tf32"], "--tf32 applies to --device cuda"),
+                           (["--compile", "--compile-mode", "reduce-overhead"], "needs --compile and --device cuda")]:
+        result = subprocess.run([sys.executable, f"{ROOT}/benchmark/speed.py", "--device", "cpu", *flags],
+                                capture_output=True, text=True, timeout=120)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("speed.py: error:") and message in lines[0]
