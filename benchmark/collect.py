@@ -1,13 +1,15 @@
 """Read the scripts' TensorBoard files into a tidy table (experiment, variant, game, seed, step, return).
 
 Run directories are `{runs_dir}/{Game}__{exp_name}__{seed}__{unix_time}`; a run is finished when it holds
-`summary.json`. For each (variant, game, seed) the newest finished run is used (with `partial`, the newest
-run when none has finished yet). Events are read with tensorboard's own `EventAccumulator`.
+`summary.json`. For each (variant, game, seed) the newest finished run of the expected budget is used (a quick
+look with `--steps` in the same directory is not mistaken for the full run; with `partial`, the newest run when
+none has finished yet). Events are read with tensorboard's own `EventAccumulator`.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 from dataclasses import dataclass
 
@@ -28,11 +30,24 @@ class RunRecord:
     finished: bool
 
 
-def discover(experiment: Experiment, runs_dir: str, tag: str = "", partial: bool = False) -> tuple[list[RunRecord], dict]:
-    """The run directories of an experiment: one per (variant, game, seed). Returns (records, counts)."""
+def logged_budget(path: str, script: str) -> int | None:
+    """The budget (--total-timesteps, or --num-iterations offline) a finished run's summary.json logged."""
+    try:
+        with open(os.path.join(path, "summary.json")) as f:
+            value = json.load(f).get("args", {}).get(SCRIPTS[script].budget_flag[2:].replace("-", "_"))
+        return int(value)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def discover(experiment: Experiment, runs_dir: str, tag: str = "", partial: bool = False,
+             steps: int | None = None) -> tuple[list[RunRecord], dict]:
+    """The run directories of an experiment: one per (variant, game, seed). Finished runs count only with the
+    budget they were planned with: each variant's, or `steps` (run.py --steps). Returns (records, counts)."""
     variant_of = {experiment.exp_name(v.name, tag): v.name for v in experiment.variants}
+    budget_of = {v.name: (v.script, steps or v.budget) for v in experiment.variants}
     best: dict[tuple, tuple] = {}
-    counts = {"directories": 0, "unfinished_skipped": 0, "older_duplicates": 0}
+    counts = {"directories": 0, "unfinished_skipped": 0, "older_duplicates": 0, "other_budget_skipped": 0}
     try:
         entries = list(os.scandir(runs_dir))
     except FileNotFoundError:
@@ -46,6 +61,10 @@ def discover(experiment: Experiment, runs_dir: str, tag: str = "", partial: bool
         counts["directories"] += 1
         finished = os.path.exists(os.path.join(entry.path, "summary.json"))
         key = (variant_of[parts[1]], parts[0], int(parts[2]))
+        script, budget = budget_of[key[0]]
+        if finished and logged_budget(entry.path, script) != budget:  # e.g. a --steps quick look beside the sweep
+            counts["other_budget_skipped"] += 1
+            continue
         rank = (finished, int(parts[3]))  # finished first, then newest
         if key in best:
             counts["older_duplicates"] += 1
@@ -78,7 +97,8 @@ def read_scalars(path: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarra
 def active_hours(scalars: dict) -> callable:
     """wall time -> training hours since the run's first event, not counting gaps longer than GAP_S."""
     walls = np.sort(np.concatenate([w for _, _, w in scalars.values()])) if scalars else np.zeros(1)
-    elapsed = np.concatenate([[0.0], np.cumsum(np.minimum(np.diff(walls), GAP_S))])
+    gaps = np.diff(walls)
+    elapsed = np.concatenate([[0.0], np.cumsum(np.where(gaps > GAP_S, 0.0, gaps))])
     return lambda t: np.interp(t, walls, elapsed) / 3600.0
 
 
@@ -104,9 +124,10 @@ def read_run(record: RunRecord, metric: str, with_metrics: bool) -> tuple[list[d
     return returns, metrics
 
 
-def collect(experiment: Experiment, runs_dir: str, tag: str = "", partial: bool = False, workers: int = 1):
+def collect(experiment: Experiment, runs_dir: str, tag: str = "", partial: bool = False, workers: int = 1,
+            steps: int | None = None):
     """Returns (returns table, metrics table or None, counts). Frames = 4 x agent steps (x 1 for offline)."""
-    records, counts = discover(experiment, runs_dir, tag, partial)
+    records, counts = discover(experiment, runs_dir, tag, partial, steps)
     variants = {v.name: v for v in experiment.variants}
     with_metrics = "metrics" in experiment.plots
     jobs = [(r, SCRIPTS[variants[r.variant].script].metric, with_metrics) for r in records]

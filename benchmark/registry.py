@@ -567,8 +567,9 @@ def shrink_flags(variant: Variant, steps: int) -> tuple[str, ...]:
     if script.kind in ("online", "atari100k"):
         if script.kind == "online" and steps < 10 * 250_000:
             flags += ["--iteration-steps", str(max(steps // 10, 1))]
-        if flag_value(variant.run_flags, "eval-every") and steps < variant.budget:
-            flags += ["--eval-every", str(max(steps // 10, 1))]
+        if flag_value(variant.run_flags, "eval-every"):  # the variant's own period when the run is not shorter
+            flags += ["--eval-every", str(max(steps // 10, 1)) if steps < variant.budget
+                      else flag_value(variant.run_flags, "eval-every")]
         flags += ["--buffer-size", str(min(steps, 1_000_000))]
     return tuple(flags)
 
@@ -578,7 +579,8 @@ def plan(experiment: Experiment, games=None, num_games: int | None = None, seeds
          dataset_dir: str = "data/dqn-replay", extra=(), resume: bool | None = None) -> list[Run]:
     """Expand an experiment to its runs, optionally shrunk.
 
-    games: replace every variant's games (names resolved as in atari_scores.csv); num_games: keep the first N;
+    games: replace every variant's games (names resolved as in atari_scores.csv); num_games: keep the first N
+    that have a human score (then the others);
     seeds: the first N seeds (1..N); variants: fnmatch patterns on variant names; steps: the budget of every run;
     tag: appended to exp names; extra: flags appended to every command (they win over the registry's);
     resume: pass `--resume auto` (None: when the script supports it).
@@ -599,8 +601,8 @@ def plan(experiment: Experiment, games=None, num_games: int | None = None, seeds
     for v in chosen:
         script = SCRIPTS[v.script]
         v_games = replaced or v.games
-        if num_games:
-            v_games = v_games[:num_games]
+        if num_games:  # games with a human score first: a quick look should have something to aggregate
+            v_games = tuple(sorted(v_games, key=lambda g: score_table()[g]["human"] is None))[:num_games]
         exp_name = experiment.exp_name(v.name, tag)
         budget = shrink_flags(v, steps) if steps else (script.budget_flag, str(v.budget), *v.run_flags)
         data = ("--dataset-dir", dataset_dir) if script.kind == "offline" else ()

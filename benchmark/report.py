@@ -44,7 +44,9 @@ def markdown_summary(experiment: Experiment, runs_dir: str, tag: str, counts: di
     tags = sorted({SCRIPTS[experiment.variant(v).script].metric for v in set(final["variant"])})
     lines += [f"{counts['runs']} runs read from `{runs_dir}`" + (f" (tag `{tag}`)" if tag else "") + ": "
               + (f"{counts['runs'] - unfinished} finished, {unfinished} unfinished included (--partial)." if unfinished
-                 else f"{counts['runs']} finished; {counts['unfinished_skipped']} unfinished skipped (--partial includes them)."),
+                 else f"{counts['runs']} finished; {counts['unfinished_skipped']} unfinished skipped (--partial includes them).")
+              + (f" {counts['other_budget_skipped']} finished runs of another budget skipped (a --steps quick look, or "
+                 "the full runs when reporting with --steps)." if counts.get("other_budget_skipped") else ""),
               "Score of a run: " + ("its last logged" if options["window"] == 1 else f"the mean of its last {options['window']}")
               + f" `{'`, `'.join(tags)}`" + (f" at or before agent step {options['at_step']:,}" if options["at_step"] else "")
               + ", human-normalised with benchmark/atari_scores.csv. Intervals: 95% stratified bootstrap (rliable; "
@@ -89,14 +91,17 @@ def markdown_summary(experiment: Experiment, runs_dir: str, tag: str, counts: di
 
 def report(experiment: Experiment, runs_dir: str = "runs", out: str | None = None, tag: str = "", partial: bool = False,
            at_step: int | None = None, window: int = 1, reps: int = 50_000, curve_reps: int = 2_000,
-           poi_reps: int = 2_000, seed: int = 0, workers: int = 1, say=print) -> dict[str, str]:
-    """Collect, aggregate and plot one experiment; returns {name: path} of everything written."""
+           poi_reps: int = 2_000, seed: int = 0, workers: int = 1, say=print, steps: int | None = None) -> dict[str, str]:
+    """Collect, aggregate and plot one experiment; returns {name: path} of everything written. `steps`: the runs'
+    budget when they were launched with run.py --steps (else each variant's own)."""
     out = out or os.path.join("results", experiment.name + (f"-{tag}" if tag else ""))
-    returns, metrics, counts = collect(experiment, runs_dir, tag, partial, workers)
+    returns, metrics, counts = collect(experiment, runs_dir, tag, partial, workers, steps)
     if returns.empty:
         found = counts["directories"]
         hint = (f"{counts['unfinished_skipped']} unfinished (use --partial to include them)"
-                if counts["unfinished_skipped"] else "none logged a score yet" if found else
+                if counts["unfinished_skipped"] else
+                f"{counts['other_budget_skipped']} finished with another budget (pass the --steps they were run with)"
+                if counts["other_budget_skipped"] else "none logged a score yet" if found else
                 f"no directory named {{Game}}__{experiment.name}-{{variant}}{'-' + tag if tag else ''}__{{seed}}__{{time}}")
         raise BenchmarkError(f"no results for {experiment.name} in {runs_dir}: {found} run directories, {hint}")
     os.makedirs(out, exist_ok=True)
@@ -180,8 +185,11 @@ def add_report_options(parser: argparse.ArgumentParser) -> None:
 def report_from_args(args, experiment: Experiment) -> dict[str, str]:
     if args.final_window < 1 or args.reps < 1 or args.curve_reps < 1 or args.poi_reps < 1:
         raise BenchmarkError("--final-window and the --*reps options must be positive")
+    if getattr(args, "steps", None) is not None and args.steps < 1:
+        raise BenchmarkError("--steps must be positive")
     return report(experiment, args.runs_dir, args.out, args.tag, args.partial, args.at_step, args.final_window,
-                  args.reps, args.curve_reps, args.poi_reps, args.stats_seed, args.workers)
+                  args.reps, args.curve_reps, args.poi_reps, args.stats_seed, args.workers,
+                  steps=getattr(args, "steps", None))
 
 
 def main(argv=None) -> int:
@@ -190,6 +198,9 @@ def main(argv=None) -> int:
     parser.add_argument("experiment", help="experiment name (fig1 ... fig19; `python benchmark/run.py --list`)")
     parser.add_argument("--runs-dir", default="runs", help="directory holding the run directories")
     parser.add_argument("--tag", default="", help="the --tag the runs were launched with")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="the --steps the runs were launched with (default: each variant's budget); finished runs "
+                             "of another budget are skipped")
     add_report_options(parser)
     args = parser.parse_args(argv)
     try:

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the commands (finished runs marked) and exit")
     g = p.add_argument_group("shrinking a plan (a quick look; nothing to edit)")
     g.add_argument("--games", nargs="+", default=None, help="run these games instead of the paper's (e.g. Pong Breakout)")
-    g.add_argument("--num-games", type=int, default=None, help="keep the first N games of each variant")
+    g.add_argument("--num-games", type=int, default=None, help="keep the first N games of each variant (those with a human score first)")
     g.add_argument("--seeds", type=int, default=None, help="run seeds 1..N (the paper: 5, Figure 19: 3)")
     g.add_argument("--variants", nargs="+", default=None, help="keep variants matching these patterns (e.g. 'dqn-*')")
     g.add_argument("--steps", type=int, default=None,

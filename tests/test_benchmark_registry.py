@@ -13,7 +13,7 @@ from conftest import ROOT, load_script
 
 sys.path.insert(0, ROOT)
 from benchmark.launch import same_value  # noqa: E402
-from benchmark.registry import EXPERIMENTS, SCRIPTS, plan, split_flags  # noqa: E402
+from benchmark.registry import EXPERIMENTS, SCRIPTS, flag_value, plan, split_flags  # noqa: E402
 
 SPEC_IDS = ["fig1", "fig4", "fig5", "fig6", "fig7", "fig8", "fig9", "fig10", "fig11", "fig12", "fig13", "fig18", "fig19"]
 
@@ -164,7 +164,11 @@ def test_shrinking_a_plan():
         assert flags["total-timesteps"] == ["5000"] and flags["buffer-size"] == ["5000"]
         assert flags["num-experts"] == ["3"] and r.flags.count("--num-experts") == 1  # extra flags win, once
         assert flags.get("eval-every") == (["500"] if "50Mframes" in r.variant else None)
+    # a budget at or above a variant's keeps that variant's evaluation period
+    long = plan(EXPERIMENTS["fig12"], games=["Pong"], seeds=1, variants=["drq-softmoe-8-*"], steps=12_500_000)
+    assert [flag_value(r.flags, "eval-every") for r in long] == [None, "250000"]
     online = plan(EXPERIMENTS["fig1"], num_games=1, seeds=1, steps=1000, resume=False)
+    assert {r.game for r in online} == {"Asterix"}  # AirRaid comes first but has no human score to aggregate
     assert len(online) == 24 and all("--iteration-steps" in r.flags for r in online)
     assert "--resume" in plan(EXPERIMENTS["fig1"], seeds=1, num_games=1, resume=True)[0].flags
 

@@ -16,7 +16,7 @@ from torch.utils.tensorboard import SummaryWriter
 from conftest import ROOT
 
 sys.path.insert(0, ROOT)
-from benchmark.registry import EXPERIMENTS  # noqa: E402
+from benchmark.registry import EXPERIMENTS, SCRIPTS  # noqa: E402
 from benchmark.report import report  # noqa: E402
 from benchmark.stats import improvement_probability  # noqa: E402
 
@@ -30,8 +30,18 @@ PONG, BREAKOUT = (-20.7, 14.6), (1.7, 30.5)
 STAMP = 1_700_000_000
 
 
-def write_run(runs_dir, game, exp_name, seed, scalars, stamp=STAMP, finished=True):
-    """A run directory as the scripts write it: TensorBoard events, then summary.json when finished."""
+def planned_budget(exp_name):
+    """{budget arg: value} of the registry variant whose exp name (with or without a tag) this is."""
+    for experiment in EXPERIMENTS.values():
+        for v in experiment.variants:
+            if exp_name in (experiment.exp_name(v.name), experiment.exp_name(v.name, exp_name.rsplit("-", 1)[-1])):
+                return {SCRIPTS[v.script].budget_flag[2:].replace("-", "_"): v.budget}
+    raise KeyError(exp_name)
+
+
+def write_run(runs_dir, game, exp_name, seed, scalars, stamp=STAMP, finished=True, budget=None):
+    """A run directory as the scripts write it: TensorBoard events, then summary.json when finished, with the
+    variant's budget among its args (or `budget`, as a run.py --steps quick look logs it)."""
     path = os.path.join(runs_dir, f"{game}__{exp_name}__{seed}__{stamp}")
     writer = SummaryWriter(path)
     for tag, points in scalars.items():
@@ -41,7 +51,8 @@ def write_run(runs_dir, game, exp_name, seed, scalars, stamp=STAMP, finished=Tru
     writer.close()
     if finished:
         with open(os.path.join(path, "summary.json"), "w") as f:
-            json.dump({"game": game, "exp_name": exp_name, "seed": seed, "args": {}}, f)
+            args = {k: budget or v for k, v in planned_budget(exp_name).items()}
+            json.dump({"game": game, "exp_name": exp_name, "seed": seed, "args": args}, f)
     return path
 
 
@@ -169,7 +180,8 @@ def test_atari100k_evaluations_and_figure_1_plots(tmp_path):
                     value = offset + n * seed + (kind == "softmoe")
                     write_run(runs, game, f"fig1-dqn-{kind}-{n}", seed,
                               {"charts/iteration_return": [(k * 250_000, value * k / 3) for k in (1, 2, 3)]})
-        # Atari 100k: one eval/episodic_return per evaluation episode, at the step of the evaluation
+        # Atari 100k: eval/episodic_return at the step of the evaluation (the scripts log the games' mean; runs of
+        # earlier versions logged one value per game, which count as their mean)
         write_run(runs, "Pong", "fig12-drq-softmoe-8-100k", seed, {"eval/episodic_return": [(100_000, 1.0 * seed),
                                                                                              (100_000, 2.0 * seed),
                                                                                              (100_000, 3.0 * seed)]})
@@ -200,7 +212,7 @@ def test_figure_10_metrics_and_figure_19_wall_time(tmp_path):
                 "metrics/entk_srank": [(250_000, 10.0 + seed), (500_000, 12.0)],
                 "metrics/feature_norm": [(250_000, 3.0), (500_000, 4.0 + seed)],
                 "metrics/dormant_tau0": [(250_000, 0.1), (500_000, 0.2)]})
-            # 1 h of training (an event every 10 min), a 5 h gap (a requeue: counted as 30 min), 1 h more
+            # 1 h of training (an event every 10 min), a 5 h gap (a requeue: not training time), 1 h more
             walls = [t0, t0 + 3600, t0 + 6 * 3600, t0 + 7 * 3600]
             ticks = [t0 + 600 * k for k in range(7)] + [t0 + 6 * 3600 + 600 * k for k in range(7)]
             write_run(runs, "Pong", f"fig19-rainbow-{variant}-impala", seed, {
@@ -216,9 +228,27 @@ def test_figure_10_metrics_and_figure_19_wall_time(tmp_path):
                      say=lambda s: None)
     assert_png(written["walltime"])
     returns = pd.read_csv(written["returns.csv"])
-    assert returns.groupby("step")["hours"].first().tolist() == pytest.approx([0.0, 1.0, 1.5, 2.5])
+    assert returns.groupby("step")["hours"].first().tolist() == pytest.approx([0.0, 1.0, 1.0, 2.0])
     hours = pd.read_csv(written["walltime_curves.csv"])
-    assert sorted(set(hours["hours"])) == pytest.approx([0.0, 1.0, 1.5, 2.5])
+    assert sorted(set(hours["hours"])) == pytest.approx([0.0, 1.0, 2.0])
+
+
+def test_a_quick_look_beside_the_sweep_is_not_scored_as_the_full_run(tmp_path):
+    runs = str(tmp_path / "runs")
+    for game, full in (("Pong", 5.0), ("Breakout", 20.0)):  # the full runs, then a newer --steps 600 quick look
+        write_run(runs, game, "fig18-dqn-softmoe-8-filter4", 1, iteration_returns(full))
+        write_run(runs, game, "fig18-dqn-softmoe-8-filter4", 1, {"charts/iteration_return": [(600, -1.0)]},
+                  stamp=STAMP + 10, budget=600)
+
+    def scores(**options):
+        written = report(EXPERIMENTS["fig18"], runs, str(tmp_path / "out"), reps=100, curve_reps=10, poi_reps=10,
+                         say=lambda s: None, **options)
+        final = pd.read_csv(written["returns.csv"]).groupby("game")["return"].last()
+        return final.to_dict(), open(written["summary.md"]).read()
+
+    full, summary = scores()
+    assert full == {"Breakout": 20.0, "Pong": 5.0} and "2 finished runs of another budget skipped" in summary
+    assert scores(steps=600)[0] == {"Breakout": -1.0, "Pong": -1.0}
 
 
 def test_no_results_is_one_clear_line(tmp_path):
