@@ -1129,7 +1129,7 @@ EXIT_NONFINITE = 3
 CHECKPOINT_FORMAT = 1
 RESUMABLE_CHANGES = {"resume", "total_timesteps", "checkpoint_every", "checkpoint_keep", "checkpoint_replay", "cuda",
                      "compile", "compile_mode", "tf32", "log_every", "print_every", "metrics_every", "save_model", "save_replay", "eval_episodes",
-                     "eval_every"}
+                     "eval_epsilon", "eval_every"}
 
 
 def episode_seed(seed: int, env: int, episode: int) -> int:

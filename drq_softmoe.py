@@ -1160,7 +1160,7 @@ EXIT_NONFINITE = 3
 CHECKPOINT_FORMAT = 1
 RESUMABLE_CHANGES = {"resume", "total_timesteps", "checkpoint_every", "checkpoint_keep", "checkpoint_replay", "cuda",
                      "compile", "compile_mode", "tf32", "log_every", "print_every", "metrics_every", "save_model", "save_replay", "eval_episodes",
-                     "eval_every"}
+                     "eval_epsilon", "eval_every"}
 
 
 def episode_seed(seed: int, env: int, episode: int) -> int:
@@ -1494,14 +1494,7 @@ def prepare(args: Args):
         while os.path.exists(os.path.join(args.runs_dir, f"{prefix}{stamp}")):
             stamp += 1
         run_dir = os.path.join(args.runs_dir, f"{prefix}{stamp}")
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, ".write_test"), "w"):
-            pass
-        os.remove(os.path.join(run_dir, ".write_test"))
-    except OSError as error:
-        raise ValueError(f"cannot write the run directory {run_dir} ({error.strerror}); pass a writable --runs-dir")
-    if args.save_replay:  # found out now, not after hours of training
+    if args.save_replay:  # found out now, not after hours of training, and before the run directory exists
         try:
             os.makedirs(args.save_replay, exist_ok=True)
             with open(os.path.join(args.save_replay, ".write_test"), "w"):
@@ -1509,6 +1502,13 @@ def prepare(args: Args):
             os.remove(os.path.join(args.save_replay, ".write_test"))
         except OSError as error:
             raise ValueError(f"cannot write --save-replay {args.save_replay} ({error.strerror}); choose a writable directory")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, ".write_test"), "w"):
+            pass
+        os.remove(os.path.join(run_dir, ".write_test"))
+    except OSError as error:
+        raise ValueError(f"cannot write the run directory {run_dir} ({error.strerror}); pass a writable --runs-dir")
     return rom, run_dir, checkpoint
 
 

@@ -559,7 +559,8 @@ def shrink_flags(variant: Variant, steps: int) -> tuple[str, ...]:
     """Budget flags for a quick look of `steps` (agent steps; iterations for offline scripts).
 
     Also shortens what only shapes the logs so that short runs still have curves: online scripts get ~10
-    iterations (`--iteration-steps`), atari100k scripts ~10 evaluations; the replay capacity is capped at the
+    iterations (`--iteration-steps`), variants that evaluate during training ~10 evaluations (the 100k Atari-100k
+    variants evaluate only at their end, with 100 games, as in the paper); the replay capacity is capped at the
     budget (a bigger buffer is never filled). Learning hyper-parameters are left alone: pass them after `--`.
     """
     script = SCRIPTS[variant.script]

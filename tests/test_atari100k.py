@@ -509,3 +509,4 @@ def test_unwritable_save_replay_fails_before_training(tmp_path):
                         timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "cannot write --save-replay" in result.stderr
+    assert not (tmp_path / "runs").exists()  # refused before the run directory is created
