@@ -698,7 +698,7 @@ class ReplayBuffer:
     def state_dict(self) -> dict:
         """Contents and sampler state; only the written part when not yet full (a slice would save everything)."""
         filled = min(self.t, self.size)
-        keep = (lambda x: x) if filled == self.size else (lambda x: x[:filled].clone())
+        keep = (lambda x: x) if filled == self.size else (lambda x: x[:filled].to("cpu", copy=True))  # not on the GPU
         names = ["frames", "actions", "rewards", "terminals", "last"]
         return {"t": self.t, "generator": self.generator.get_state(), **{k: keep(getattr(self, k)) for k in names}}
 
@@ -708,7 +708,7 @@ class ReplayBuffer:
         for k in ["frames", "actions", "rewards", "terminals", "last"]:
             getattr(self, k)[: state[k].shape[0]] = state[k].to(self.device)
         self.t = state["t"]
-        self.generator.set_state(state["generator"])
+        restore_generator(self.generator, state["generator"])
 # === end shared ===
 
 
@@ -1116,10 +1116,12 @@ class Progress:
 
 
 def peak_memory(device: torch.device) -> dict:
-    """Peak resident host memory of this process and peak GPU memory allocated by torch, in bytes (summary.json)."""
+    """Peak resident host memory of this process, and peak GPU memory allocated by torch and reserved by its caching
+    allocator (what a GPU shared by several runs must hold), in bytes (summary.json)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # Linux: KiB
-    gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    return {"peak_host_memory_bytes": rss, "peak_gpu_memory_bytes": gpu}
+    cuda = device.type == "cuda"
+    return {"peak_host_memory_bytes": rss, "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(device) if cuda else 0,
+            "peak_gpu_reserved_bytes": torch.cuda.max_memory_reserved(device) if cuda else 0}
 # === end shared ===
 
 
@@ -1244,6 +1246,22 @@ def load_checkpoint(path: str, script: str, args: dict) -> dict:
             raise ValueError(f"checkpoint {path} was written with --{key.replace('_', '-')} {state['args'].get(key)} "
                              f"but this run has {value}; resume with the checkpoint's flags")
     return state
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, state: dict, device: torch.device) -> None:
+    """Adam's saved state. torch.compile sets `capturable` on CUDA; resumed on the CPU, step() would refuse it."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group["capturable"] = bool(group.get("capturable")) and device.type == "cuda"
+
+
+def restore_generator(generator: torch.Generator, state: torch.Tensor) -> None:
+    """A sampler's saved RNG state. One saved on the other device (--cuda changed on resume) does not fit: a new stream
+    is seeded from it instead, so the run goes on but no longer matches an uninterrupted one."""
+    if state.numel() == generator.get_state().numel():
+        generator.set_state(state)
+    else:
+        generator.manual_seed(zlib.crc32(state.numpy().tobytes()))
 
 
 class StopRequest:
@@ -1558,12 +1576,12 @@ def main(args: Args, rom: str, run_dir: str, checkpoint, records: list, num_acti
     if checkpoint is not None:  # continue exactly where the checkpoint left off
         q_network.load_state_dict(checkpoint["q_network"])
         target_network.load_state_dict(checkpoint["target_network"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_optimizer(optimizer, checkpoint["optimizer"], device)
         global_step, scores = checkpoint["global_step"], checkpoint["loop"]["scores"]
         pending_evaluation = checkpoint["loop"].get("pending_evaluation", False)
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if device.type == "cuda" and checkpoint["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"][0], device)
 
     def load(iteration: int) -> None:
         """All records, or (--checkpoints-per-iteration K) K of them drawn for this iteration from (seed, iteration)."""
@@ -1587,7 +1605,7 @@ def main(args: Args, rom: str, run_dir: str, checkpoint, records: list, num_acti
     loaded = global_step // steps_per_iteration
     load(loaded)
     if checkpoint is not None:
-        rb.generator.set_state(checkpoint["sampler"])
+        restore_generator(rb.generator, checkpoint["sampler"])
     # purge_step hides what a stopped run logged after its checkpoint (all logged at steps above the checkpoint's)
     writer = SummaryWriter(run_dir, purge_step=global_step + 1 if checkpoint else None)
     if checkpoint is None:
@@ -1607,7 +1625,7 @@ def main(args: Args, rom: str, run_dir: str, checkpoint, records: list, num_acti
             "optimizer": optimizer.state_dict(), "dataset": dataset_fingerprint(records),
             "sampler": rb.generator.get_state(),
             "loop": {"scores": list(scores), "pending_evaluation": pending_evaluation},
-            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
+            "rng": {"torch": torch.get_rng_state(), "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []},
         }
 
     nonfinite_at = torch.full((), -1, dtype=torch.long, device=device)  # first gradient step with a non-finite loss
@@ -1712,7 +1730,8 @@ def main(args: Args, rom: str, run_dir: str, checkpoint, records: list, num_acti
     print(f"done: {global_step} gradient steps in {time.time() - start_time:.0f}s", flush=True)
     if args.save_model:
         path = os.path.join(run_dir, "model.pt")
-        torch.save({"model": q_network.state_dict(), "args": vars(args), "num_actions": num_actions}, path)
+        torch.save({"model": {k: v.cpu() for k, v in q_network.state_dict().items()}, "args": vars(args),
+                    "num_actions": num_actions}, path)
         print(f"model saved to {path}", flush=True)
     writer.close()
     summary = {"script": script, "game": game_name(rom), "exp_name": args.exp_name, "seed": args.seed,

@@ -838,7 +838,7 @@ class ReplayBuffer:
     def state_dict(self) -> dict:
         """Contents and sampler state; only the written part when not yet full (a slice would save everything)."""
         filled = min(self.t, self.size)
-        keep = (lambda x: x) if filled == self.size else (lambda x: x[:filled].clone())
+        keep = (lambda x: x) if filled == self.size else (lambda x: x[:filled].to("cpu", copy=True))  # not on the GPU
         names = ["frames", "actions", "rewards", "terminals", "last"]
         return {"t": self.t, "generator": self.generator.get_state(), **{k: keep(getattr(self, k)) for k in names}}
 
@@ -848,7 +848,7 @@ class ReplayBuffer:
         for k in ["frames", "actions", "rewards", "terminals", "last"]:
             getattr(self, k)[: state[k].shape[0]] = state[k].to(self.device)
         self.t = state["t"]
-        self.generator.set_state(state["generator"])
+        restore_generator(self.generator, state["generator"])
 # === end shared ===
 
 
@@ -1353,10 +1353,12 @@ class Progress:
 
 
 def peak_memory(device: torch.device) -> dict:
-    """Peak resident host memory of this process and peak GPU memory allocated by torch, in bytes (summary.json)."""
+    """Peak resident host memory of this process, and peak GPU memory allocated by torch and reserved by its caching
+    allocator (what a GPU shared by several runs must hold), in bytes (summary.json)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # Linux: KiB
-    gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    return {"peak_host_memory_bytes": rss, "peak_gpu_memory_bytes": gpu}
+    cuda = device.type == "cuda"
+    return {"peak_host_memory_bytes": rss, "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(device) if cuda else 0,
+            "peak_gpu_reserved_bytes": torch.cuda.max_memory_reserved(device) if cuda else 0}
 # === end shared ===
 
 
@@ -1481,6 +1483,22 @@ def load_checkpoint(path: str, script: str, args: dict) -> dict:
             raise ValueError(f"checkpoint {path} was written with --{key.replace('_', '-')} {state['args'].get(key)} "
                              f"but this run has {value}; resume with the checkpoint's flags")
     return state
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, state: dict, device: torch.device) -> None:
+    """Adam's saved state. torch.compile sets `capturable` on CUDA; resumed on the CPU, step() would refuse it."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group["capturable"] = bool(group.get("capturable")) and device.type == "cuda"
+
+
+def restore_generator(generator: torch.Generator, state: torch.Tensor) -> None:
+    """A sampler's saved RNG state. One saved on the other device (--cuda changed on resume) does not fit: a new stream
+    is seeded from it instead, so the run goes on but no longer matches an uninterrupted one."""
+    if state.numel() == generator.get_state().numel():
+        generator.set_state(state)
+    else:
+        generator.manual_seed(zlib.crc32(state.numpy().tobytes()))
 
 
 class StopRequest:
@@ -1798,7 +1816,7 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
     else:  # continue exactly where the checkpoint left off
         q_network.load_state_dict(checkpoint["q_network"])
         target_network.load_state_dict(checkpoint["target_network"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_optimizer(optimizer, checkpoint["optimizer"], device)
         if checkpoint["replay"] is not None:
             load_replay(rb, checkpoint["replay"])
         loop = checkpoint["loop"]
@@ -1810,7 +1828,7 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
         lives.load_state_dict(loop["lives"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if device.type == "cuda" and checkpoint["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"][0], device)
         rng.bit_generator.state = checkpoint["rng"]["numpy"]
         obs = tracker.restore(envs, checkpoint["envs"], checkpoint["obs"].numpy())
     # purge_step hides what a stopped run logged after its checkpoint (all logged at steps above the checkpoint's)
@@ -1830,7 +1848,7 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
             "optimizer": optimizer.state_dict(), "replay": rb.state_dict() if args.checkpoint_replay else None,
             "envs": tracker.state_dict(), "obs": torch.as_tensor(obs),
             "rng": {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state,
-                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
+                    "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []},
             "loop": {"update_credit": update_credit, "iteration_returns": list(iteration_returns),
                      "episode_return": torch.as_tensor(episode_return), "episode_length": torch.as_tensor(episode_length),
                      "was_done": torch.as_tensor(was_done), "lives": lives.state_dict(),
@@ -1978,7 +1996,8 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
         print(f"replay written to {', '.join(save_replay_dataset(rb, args.save_replay, game_name(rom)))}", flush=True)
     if args.save_model:
         path = os.path.join(run_dir, "model.pt")
-        torch.save({"model": q_network.state_dict(), "args": vars(args), "num_actions": num_actions}, path)
+        torch.save({"model": {k: v.cpu() for k, v in q_network.state_dict().items()}, "args": vars(args),
+                    "num_actions": num_actions}, path)
         print(f"model saved to {path}", flush=True)
     writer.close()
     summary = {"script": script, "game": game_name(rom), "exp_name": args.exp_name, "seed": args.seed,

@@ -279,11 +279,15 @@ class RunJob(_Checkpointable):
         if not self.runs:
             return {"commands": [], "returncodes": []}
         packed = len(self.commands) > 1
+        gpus = visible_gpus() if packed else []  # the job's GPUs (Slurm sets CUDA_VISIBLE_DEVICES)
         self._procs = []
-        for run, command in zip(self.runs, self.commands):
-            print(f"$ {shlex.join(command)}", flush=True)
+        for i, (run, command) in enumerate(zip(self.runs, self.commands)):
+            env = dict(os.environ, **self.env)
+            if gpus:  # a script uses its first visible GPU: packed runs go round robin over the job's GPUs
+                env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+            print(f"$ {shlex.join(command)}" + (f"  (GPU {env['CUDA_VISIBLE_DEVICES']})" if gpus else ""), flush=True)
             # a new session: signals reach the scripts through this job only, once
-            proc = subprocess.Popen(command, cwd=self.cwd, env=dict(os.environ, **self.env), start_new_session=True,
+            proc = subprocess.Popen(command, cwd=self.cwd, env=env, start_new_session=True,
                                     **(dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) if packed else {}))
             if packed:
                 threading.Thread(target=self._relay, args=(proc, f"[{run.key}] "), daemon=True).start()

@@ -119,7 +119,7 @@ def full_loop(script: str, flags: list[str], learning_starts: int, total: int, d
         with open(os.path.join(run_dir, "summary.json")) as f:
             summary = json.load(f)
     return {"sps": statistics.median(sps) if sps else float("nan"), "peak_host_bytes": summary.get("peak_host_memory_bytes"),
-            "peak_gpu_bytes": summary.get("peak_gpu_memory_bytes")}
+            "peak_gpu_bytes": summary.get("peak_gpu_memory_bytes"), "peak_gpu_reserved_bytes": summary.get("peak_gpu_reserved_bytes")}
 
 
 def measure(script: str, moe_type: str, opts) -> dict:
@@ -164,7 +164,7 @@ def measure(script: str, moe_type: str, opts) -> dict:
                 flags += ["--tf32"]
             loop = full_loop(script, flags, opts.loop_warmup, opts.loop_warmup + opts.loop_steps, opts.device)
             result.update({"both_sps": loop["sps"], "peak_host_bytes": loop["peak_host_bytes"],
-                           "peak_gpu_bytes": loop["peak_gpu_bytes"]})
+                           "peak_gpu_bytes": loop["peak_gpu_bytes"], "peak_gpu_reserved_bytes": loop["peak_gpu_reserved_bytes"]})
     result["replay_bytes_1m"] = (module.PrioritizedReplayBuffer if getattr(args, "prioritized", False)
                                  else module.ReplayBuffer).nbytes(1_000_000)
     return result
@@ -177,7 +177,7 @@ def markdown(results: list[dict], opts, machine: str) -> str:
              f"{'TF32' if getattr(opts, 'tf32', False) else 'float32'} matmuls and convolutions.",
              f"Command: `python benchmark/speed.py {' '.join(sys.argv[1:])}`", "",
              "| script | MoE | params | env only (steps/s) | acting (steps/s) | updates/s | learning-bound (steps/s) "
-             "| both (steps/s) | peak host GB | peak GPU GB | replay at 1M (GB) |",
+             "| both (steps/s) | peak host GB | peak GPU GB (allocated / reserved) | replay at 1M (GB) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, spec="{:,.0f}": "–" if v is None or (isinstance(v, float) and v != v) else spec.format(v)
     gb = lambda v: fmt(None if v is None else v / 1e9, "{:.2f}")
@@ -185,7 +185,7 @@ def markdown(results: list[dict], opts, machine: str) -> str:
         moe = r["moe_type"] + (f" ×{r['num_experts']}" if r["moe_type"] != "baseline" else "")
         lines.append(f"| {r['script']} | {moe} | {r['parameters']:,} | {fmt(r.get('env_only_sps'))} | "
                      f"{fmt(r.get('acting_sps'))} | {fmt(r['updates_per_s'], '{:,.1f}')} | {fmt(r.get('learning_bound_sps'))} | "
-                     f"{fmt(r.get('both_sps'))} | {gb(r.get('peak_host_bytes'))} | {gb(r.get('peak_gpu_bytes') or None)} | "
+                     f"{fmt(r.get('both_sps'))} | {gb(r.get('peak_host_bytes'))} | {gb(r.get('peak_gpu_bytes') or None)} / {gb(r.get('peak_gpu_reserved_bytes') or None)} | "
                      f"{gb(r['replay_bytes_1m'])} |")
     lines += ["", "learning-bound = updates/s divided by the replay ratio (the steps/s if acting were free); "
               "both = a real run of the script after its warm-up."]

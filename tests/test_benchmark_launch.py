@@ -93,6 +93,19 @@ def test_slurm_path_with_submitits_local_executor(tmp_path, capsys):
     assert f"already finished: {run.key}" in capsys.readouterr().out and len(finished(runs)) == 1
 
 
+def test_packed_job_spreads_its_runs_over_the_jobs_gpus(tmp_path, monkeypatch, capsys):
+    """Each script uses its first visible GPU: a job's K runs must not all land on the job's first GPU."""
+    python = tmp_path / "fake-python"  # stands in for the interpreter: records the GPU each run was given
+    python.write_text(f"#!/bin/sh\necho \"$CUDA_VISIBLE_DEVICES\" > {tmp_path}/gpu-$$\n")
+    python.chmod(0o755)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    runs = plan(EXPERIMENTS["fig1"], variants=["dqn-softmoe-1"], games=["Breakout"], seeds=3, steps=300,
+                runs_dir=str(tmp_path / "runs"), resume=False)
+    assert RunJob(runs, str(tmp_path), {}, str(python))()["returncodes"] == [0, 0, 0]
+    assert sorted(open(p).read().strip() for p in glob.glob(f"{tmp_path}/gpu-*")) == ["3", "3", "5"]
+    assert "(GPU 5)" in capsys.readouterr().out
+
+
 def children(pid: int) -> list[int]:
     found = []
     for stat in glob.glob("/proc/[0-9]*/stat"):

@@ -97,3 +97,31 @@ def test_gpu_only_flags_are_refused_on_the_cpu_and_may_change_on_resume(script):
         with pytest.raises(ValueError, match=message):
             module.check_args(module.Args(**flags))
     assert {"tf32", "compile", "compile_mode", "cuda"} <= module.RESUMABLE_CHANGES  # speed, not results
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_checkpoint_of_the_other_device_resumes(script):
+    """--cuda may change on resume: a GPU run's sampler state (16 bytes) and Adam state (torch.compile makes it
+    `capturable` on CUDA) must load on the CPU."""
+    module = load_script(script)
+    a, b = torch.Generator(), torch.Generator()
+    cuda_state = torch.arange(16, dtype=torch.uint8)  # a CUDA generator's state: seed and offset
+    module.restore_generator(a, cuda_state)
+    module.restore_generator(b, cuda_state)
+    assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))  # a new stream, the same every time
+    c = torch.Generator().manual_seed(5)
+    saved = c.get_state()
+    expected = torch.rand(3, generator=c)
+    module.restore_generator(a, saved)  # same device: exactly the saved stream
+    assert torch.equal(torch.rand(3, generator=a), expected)
+
+    p = torch.nn.Parameter(torch.ones(3))
+    adam = torch.optim.Adam([p], lr=0.1)
+    p.grad = torch.ones(3)
+    adam.step()
+    state = adam.state_dict()
+    state["param_groups"][0]["capturable"] = True
+    resumed = torch.optim.Adam([p], lr=0.1)
+    module.load_optimizer(resumed, state, torch.device("cpu"))
+    resumed.step()  # with capturable=True on the CPU, Adam refuses to step
+    assert resumed.param_groups[0]["capturable"] is False and int(resumed.state[p]["step"]) == 2
