@@ -870,9 +870,11 @@ class SumTree:
         return self.nodes[leaf + self.first_leaf]
 
     def update(self, leaf: torch.Tensor, value: torch.Tensor) -> None:
-        """Set leaves (K,) to values (K,), then recompute their ancestors level by level."""
+        """Set leaves (K,) to values (K,), then recompute their ancestors level by level. A leaf given twice gets its
+        last value, as Dopamine's in-order updates (a CUDA scatter would keep an arbitrary one)."""
         node = leaf + self.first_leaf
-        self.nodes[node] = value.to(self.nodes.dtype)
+        last = ((leaf[:, None] == leaf[None, :]) * torch.arange(len(leaf), device=leaf.device)).amax(1)
+        self.nodes[node] = value.to(self.nodes.dtype)[last]
         for _ in range(self.depth):
             node = node // 2
             self.nodes[node] = self.nodes[2 * node] + self.nodes[2 * node + 1]

@@ -5,7 +5,7 @@
 #   here, once:   ../shared/tools/device-wheels.sh                # fills .whl/ (ignored by git)
 #   on the GPU:   bash benchmark/gpu_session.sh [PHASE...]         # carry .whl; results go to $OUT
 #
-# PHASE (default: envs1 envs8 atari100k; estimated 6-8 minutes on an H100, never measured yet, so give the device
+# PHASE (default: envs1 envs8 atari100k profile; estimated 7-9 minutes on an H100, never measured yet, so give the device
 # call timeout_s 600 and run `compile` (compiles twice per script, a few minutes) in a second call if time is left):
 #   envs1     dqn/rainbow, Impala, baseline vs Soft MoE x8, 1 env (the paper's setting), eager
 #   envs8     the same with --num-envs 8
@@ -13,18 +13,19 @@
 #             then dqn/rainbow Soft MoE x8, 1 env: --compile, --compile --compile-mode reduce-overhead, and the latter
 #             with --tf32 (compile.md, graphs.md, tf32.md)
 #   atari100k der/drq, Impala, baseline vs Soft MoE x8, 1 env: the learning-bound rate gives a 100k run's time
-# Each phase writes $OUT/<phase>.md and .json (benchmark/speed.py --out; with machine.txt, at most 7 files: within
-# the device tool's 8 files back); copy them to
+#   profile   rainbow/der Soft MoE x8, Impala: 20 updates under torch.profiler (kernel launches per update, top ops)
+# Each phase writes $OUT/<phase>.md (benchmark/speed.py --out); the .json numbers are packed into $OUT/numbers.tar.gz
+# at the end (with machine.txt, at most 8 files for all phases: the device tool brings back 8); copy them to
 # benchmark/results/speed/<gpu>-<phase>.md and commit. QUICK=1 shrinks every count (a smoke test of this file
 # on any machine; the numbers mean nothing then).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 phases=("$@")
-[ ${#phases[@]} -eq 0 ] && phases=(envs1 envs8 atari100k)
+[ ${#phases[@]} -eq 0 ] && phases=(envs1 envs8 atari100k profile)
 for p in "${phases[@]}"; do
   case $p in
-    envs1|envs8|compile|atari100k) ;;
-    *) echo "gpu_session.sh: unknown phase '$p' (envs1, envs8, compile, atari100k)"; exit 2 ;;
+    envs1|envs8|compile|atari100k|profile) ;;
+    *) echo "gpu_session.sh: unknown phase '$p' (envs1, envs8, compile, atari100k, profile)"; exit 2 ;;
   esac
 done
 OUT=${OUT:-gpu-results}
@@ -65,6 +66,11 @@ for p in "${phases[@]}"; do
       phase tf32 --scripts dqn_softmoe rainbow_softmoe --moe-types softmoe --num-envs 1 --compile \
         --compile-mode reduce-overhead --tf32 ;;
     atari100k) phase atari100k --scripts der_softmoe drq_softmoe --moe-types baseline softmoe --num-envs 1 ;;
+    profile) phase profile --scripts rainbow_softmoe der_softmoe --moe-types softmoe --num-envs 1 --no-full-loop \
+      --profile 20 ;;
   esac
 done
+if compgen -G "$OUT/*.json" > /dev/null; then  # one file for all the raw numbers
+  (cd "$OUT" && tar -czf numbers.tar.gz ./*.json && rm -f ./*.json)
+fi
 ls -l "$OUT"

@@ -10,7 +10,9 @@ For each (script, MoE type) it measures, on the same game and device:
 - updating: gradient updates per second of the script's own `agent.update()` on a replay of random frames,
   and the agent steps per second this allows at the script's replay ratio;
 - both: a real run of the script (a subprocess), agent steps per second once learning has started, read from
-  its `charts/SPS`, with the run's peak host memory (and peak GPU memory from its summary.json).
+  its `charts/SPS`, with the run's peak host memory (and peak GPU memory from its summary.json);
+- with --profile N: N updates under torch.profiler: operator calls and kernel launches per update, and the
+  operators that take the most time (what to change first).
 Scripts provide `build_agent(args, num_actions, device)`, the same function their `main` uses.
 """
 
@@ -97,6 +99,30 @@ def updating(agent, updates: int, device) -> float:
     return rate(updates, time.perf_counter() - start)
 
 
+def profile_updates(agent, updates: int, device, top: int = 12) -> dict:
+    """`updates` calls of `agent.update()` under torch.profiler: per update, the operator calls, the kernel (or CUDA
+    graph) launches, and the `top` operators by self time (device time on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    agent.update()
+    sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(updates):
+            agent.update()
+        sync(device)
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if "LaunchKernel" in e.key or "GraphLaunch" in e.key)
+    on_device = device.type == "cuda"
+    self_us = (lambda e: e.self_device_time_total) if on_device else (lambda e: e.self_cpu_time_total)
+    ops = [e for e in events if e.key.startswith("aten::")]
+    ranked = sorted(events, key=self_us, reverse=True)[:top]
+    return {"updates": updates, "ops_per_update": sum(e.count for e in ops) / updates,
+            "launches_per_update": launches / updates if on_device else None,
+            "top": [{"name": e.key, "ms_per_update": self_us(e) / 1000 / updates, "calls_per_update": e.count / updates}
+                    for e in ranked]}
+
+
 def full_loop(script: str, flags: list[str], learning_starts: int, total: int, device: str) -> dict:
     """A real run of the script: agent steps/s after learning starts (median of its charts/SPS), peak memory."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -150,6 +176,8 @@ def measure(script: str, moe_type: str, opts) -> dict:
     result = {"script": script, "moe_type": moe_type, "num_experts": overrides["num_experts"],
               "parameters": sum(p.numel() for p in agent.q_network.parameters()),
               "updates_per_s": updating(agent, opts.updates, device)}
+    if getattr(opts, "profile", 0):
+        result["profile"] = profile_updates(agent, opts.profile, device)
     replay_ratio = getattr(args, "replay_ratio", None)
     if spec.kind != "offline":
         result["env_only_sps"] = env_only(module, rom, protocol, opts.num_envs, opts.steps)
@@ -189,6 +217,14 @@ def markdown(results: list[dict], opts, machine: str) -> str:
                      f"{gb(r['replay_bytes_1m'])} |")
     lines += ["", "learning-bound = updates/s divided by the replay ratio (the steps/s if acting were free); "
               "both = a real run of the script after its warm-up."]
+    for r in results:  # where an update's time goes
+        if r.get("profile"):
+            p = r["profile"]
+            launches = f", {p['launches_per_update']:,.0f} kernel launches" if p["launches_per_update"] is not None else ""
+            lines += ["", f"Profile of `update()`, {r['script']} {r['moe_type']} ({p['updates']} updates): "
+                      f"{p['ops_per_update']:,.0f} operator calls{launches} per update.", "",
+                      "| operator | self ms / update | calls / update |", "|---|---|---|"]
+            lines += [f"| `{t['name']}` | {t['ms_per_update']:.3f} | {t['calls_per_update']:.1f} |" for t in p["top"]]
     for r in results:  # the Atari 100k target: a whole run's time at the measured rate (evaluation not included)
         if SCRIPTS[r["script"]].kind == "atari100k" and r.get("both_sps"):
             lines.append(f"- {r['script']} {r['moe_type']}: a 100k-step run takes about "
@@ -222,6 +258,7 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=50, help="gradient updates timed")
     parser.add_argument("--fill", type=int, default=5000, help="replay transitions of random frames for the update timing")
     parser.add_argument("--buffer-size", type=int, default=100_000, help="replay capacity of the measured agents")
+    parser.add_argument("--profile", type=int, default=0, help="profile this many updates with torch.profiler (0: off)")
     parser.add_argument("--no-full-loop", dest="full_loop", action="store_false", help="skip the real runs")
     parser.add_argument("--loop-warmup", type=int, default=1000, help="agent steps before learning in the real runs")
     parser.add_argument("--loop-steps", type=int, default=2000, help="agent steps timed in the real runs")
@@ -234,6 +271,8 @@ def main() -> None:
         sys.exit("speed.py: error: --device cuda but torch sees no GPU; use --device cpu")
     if opts.compile_mode != "default" and not (opts.compile and opts.device == "cuda"):
         sys.exit(f"speed.py: error: --compile-mode {opts.compile_mode} needs --compile and --device cuda")
+    if opts.profile < 0:
+        sys.exit(f"speed.py: error: --profile must be >= 0, got {opts.profile}")
     if opts.tf32 and opts.device != "cuda":
         sys.exit("speed.py: error: --tf32 applies to --device cuda")
     machine = (torch.cuda.get_device_name(0) if opts.device == "cuda" else

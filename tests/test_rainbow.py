@@ -78,8 +78,8 @@ def test_sum_tree_update_keeps_every_node_the_sum_of_its_children(rainbow):
     gen = torch.Generator().manual_seed(0)
     values = torch.rand(1000, generator=gen, dtype=torch.float64)
     tree.update(torch.arange(1000), values)
-    leaves = torch.tensor([5, 999, 5, 0])  # a repeated leaf is set once
-    tree.update(leaves, torch.tensor([2.0, 3.0, 2.0, 0.0], dtype=torch.float64))
+    leaves = torch.tensor([5, 999, 5, 0])  # a repeated leaf gets its last value, as Dopamine's in-order updates
+    tree.update(leaves, torch.tensor([7.0, 3.0, 2.0, 0.0], dtype=torch.float64))
     values[leaves] = torch.tensor([2.0, 3.0, 2.0, 0.0], dtype=torch.float64)
     torch.testing.assert_close(tree.get(torch.arange(1000)), values)
     torch.testing.assert_close(tree.total(), values.sum())

@@ -13,7 +13,7 @@ sys.path.insert(0, ROOT)
 from benchmark import speed  # noqa: E402
 
 OPTS = dict(device="cpu", env_id="Breakout", num_experts=2, encoder="nature", num_envs=1, buffer_size=1000,
-            compile=False, fill=400, updates=2, steps=20, full_loop=False)
+            compile=False, fill=400, updates=2, steps=20, full_loop=False, profile=2)
 
 
 @pytest.mark.parametrize("script", ["dqn_softmoe", "der_softmoe", "cql_softmoe"])
@@ -31,8 +31,13 @@ def test_measure_reports_rates_and_replay_size(script):
         assert result["env_only_sps"] > result["acting_sps"] > 0
         replay_ratio = 1.0 if script == "der_softmoe" else 0.25
         assert result["learning_bound_sps"] == pytest.approx(result["updates_per_s"] / replay_ratio)
+    profile = result["profile"]  # where an update's time goes: operators by self time, calls per update
+    assert profile["updates"] == 2 and profile["ops_per_update"] > 10 and profile["launches_per_update"] is None
+    assert len(profile["top"]) == 12 and all(t["name"] and t["ms_per_update"] >= 0 for t in profile["top"])
+    assert profile["top"][0]["ms_per_update"] == max(t["ms_per_update"] for t in profile["top"])
     table = speed.markdown([result], types.SimpleNamespace(**OPTS), "test machine")
     assert f"| {script} | softmoe ×2 |" in table and "test machine" in table
+    assert f"Profile of `update()`, {script} softmoe (2 updates)" in table
 
 
 def test_atari100k_rows_give_a_whole_runs_time():
@@ -49,7 +54,7 @@ def test_gpu_session_script_checks_its_phases(tmp_path):
     assert subprocess.run(["bash", "-n", script]).returncode == 0
     result = subprocess.run(["bash", script, "envs1", "envs2"], capture_output=True, text=True, timeout=60,
                             env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out")})
-    assert result.returncode == 2 and result.stdout == "gpu_session.sh: unknown phase 'envs2' (envs1, envs8, compile, atari100k)\n"
+    assert result.returncode == 2 and result.stdout == "gpu_session.sh: unknown phase 'envs2' (envs1, envs8, compile, atari100k, profile)\n"
     assert not (tmp_path / "out").exists()  # checked before anything is installed, measured or written
 
 
