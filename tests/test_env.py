@@ -58,3 +58,30 @@ def test_episode_cap_is_a_truncation_in_frames(dqn):
     assert (step, bool(trunc[0]), bool(term[0])) == (100, True, False)  # 400 frames = 100 agent steps
     _, reward, term, trunc, info = envs.step(np.zeros(1, dtype=np.int64))  # the reset step
     assert info["episode_frame_number"][0] == 0 and reward[0] == 0 and not term[0]
+
+
+def test_sticky_actions_make_the_dopamine_protocol_stochastic(dqn):
+    """Sticky actions (0.25): the same actions from the same start diverge under different seeds; ALE itself is
+    deterministic, so without them (and without no-ops) both trajectories would be identical."""
+    actions = np.random.default_rng(0).integers(6, size=300)
+    frames = []
+    for seed in (0, 1):
+        envs = dqn.make_env("pong", 1, "dopamine")
+        envs.reset(seed=seed)
+        frames.append(np.stack([envs.step(actions[t:t + 1])[0][0, -1] for t in range(300)]))
+        envs.close()
+    assert not np.array_equal(frames[0], frames[1])
+
+
+@pytest.mark.parametrize("protocol,sticky,noops", [("dopamine", 0.25, 0), ("atari100k", 0.0, 30)])
+def test_every_protocol_setting_is_explicit(dqn, monkeypatch, protocol, sticky, noops):
+    """ale-py's defaults are neither protocol (SPEC §1): each setting is passed, with the protocol's value."""
+    seen = {}
+    monkeypatch.setattr(dqn, "AtariVectorEnv", lambda game, num_envs, **kwargs: seen.update(kwargs))
+    dqn.make_env("pong", 2, protocol)
+    assert {k: seen[k] for k in ["repeat_action_probability", "noop_max", "use_fire_reset", "reward_clipping",
+                                 "episodic_life", "frameskip", "maxpool", "stack_num", "grayscale", "full_action_space",
+                                 "max_num_frames_per_episode", "img_height", "img_width"]} == dict(
+        repeat_action_probability=sticky, noop_max=noops, use_fire_reset=False, reward_clipping=False, episodic_life=False,
+        frameskip=4, maxpool=True, stack_num=4, grayscale=True, full_action_space=False,
+        max_num_frames_per_episode=108_000, img_height=84, img_width=84)

@@ -38,15 +38,24 @@ def test_soft_moe_matches_paper_equations(dqn, m, d, n):
     assert info["hidden"].shape == (3, n, math.ceil(m / n), 16)
 
 
+class SlotRecorder(torch.nn.Module):
+    """Identity 'experts' that keep their slot inputs: SoftMoE's output is then C (D^T X)."""
+
+    def forward(self, slots):
+        self.slots = slots
+        return slots, slots
+
+
 def test_dispatch_columns_and_combine_rows_sum_to_one(dqn):
     torch.manual_seed(0)
-    moe = dqn.SoftMoE(121, 32, 8, dqn.Experts(8, 32, 16))
-    tokens = torch.randn(2, 121, 32)
-    logits = tokens @ moe.phi
-    dispatch, combine = logits.softmax(1), logits.softmax(2)
-    torch.testing.assert_close(dispatch.sum(1), torch.ones(2, 128))  # each slot mixes the 121 tokens
-    torch.testing.assert_close(combine.sum(2), torch.ones(2, 121))  # each token mixes all 8 * 16 slots
-    _, info = moe(tokens)
+    experts = SlotRecorder()
+    moe = dqn.SoftMoE(121, 32, 8, experts)
+    moe.phi.data.normal_()  # peaked logits: a wrong softmax axis could not hide behind near-uniform weights
+    tokens = torch.full((2, 121, 32), 3.0)
+    y, info = moe(tokens)
+    # X = 3: each slot input is 3 x (its dispatch column's sum), each output token 3 x (its combine row's sum)
+    torch.testing.assert_close(experts.slots, torch.full((2, 8, 16, 32), 3.0))  # each slot mixes the 121 tokens
+    torch.testing.assert_close(y, torch.full((2, 121, 32), 3.0))  # each token mixes all 8 * 16 slots
     torch.testing.assert_close(info["expert_mass"].sum(-1), torch.ones(2, 121))
 
 
@@ -103,6 +112,14 @@ def test_l2_norm_makes_logits_scale_invariant(dqn):
         moe.experts.b2.zero_()
     torch.testing.assert_close(moe(3 * tokens)[0], 3 * moe(tokens)[0])
     assert moe.scale.item() == 1.0
+    # logits = scale * (X / |X|) (Phi / |Phi| over d), by hand, with identity experts: y = C (D^T X)
+    moe = dqn.SoftMoE(16, 8, 2, SlotRecorder(), l2_norm=True).double()
+    with torch.no_grad():
+        moe.scale.fill_(2.5)
+    unit = lambda v, dim: v / (v.norm(dim=dim, keepdim=True) + 1e-6)  # the official l2_normalize, eps 1e-6
+    logits = 2.5 * unit(tokens, -1) @ unit(moe.phi, 0)
+    expected = logits.softmax(2) @ (logits.softmax(1).transpose(1, 2) @ tokens)
+    torch.testing.assert_close(moe(tokens)[0], expected)
 
 
 def test_experts_are_independent_and_batched(dqn):
@@ -153,9 +170,22 @@ def test_top1_load_balancing_losses(dqn):
     torch.manual_seed(0)
     # one expert far ahead for every token: it is selected with probability ~1, the other ~0 -> CV^2 = 1
     assert moe.load_loss(torch.tensor([[[50.0, 0.0]] * 4])).item() == pytest.approx(1.0, abs=1e-6)
+    # by hand (Ruiz et al. 2021): P(expert i selected) = 1 - Phi((max noisy logit - logit_i) / sigma), sigma = 1/n
+    logits = torch.tensor([[[0.3, 0.1], [0.0, 0.2], [0.5, -0.1], [0.2, 0.2]]], dtype=torch.float64)
+    torch.manual_seed(1)
+    noise = torch.randn_like(logits)
+    threshold = (logits + noise / 2).max(-1, keepdim=True).values
+    p = 1 - 0.5 * (1 + torch.erf((threshold - logits) / 0.5 / math.sqrt(2)))
+    load = p.mean(1)[0]
+    torch.manual_seed(1)
+    assert moe.load_loss(logits).item() == pytest.approx(((load.std(unbiased=False) / load.mean()) ** 2).item())
     moe.load_balancing = True
+    torch.manual_seed(2)
     _, info = moe(tokens)
-    assert info["aux_loss"].requires_grad
+    torch.manual_seed(2)
+    router_logits = moe.router(tokens).float()
+    expected = moe.importance_loss(router_logits.softmax(-1)) + moe.load_loss(router_logits)
+    assert info["aux_loss"].requires_grad and info["aux_loss"].item() == pytest.approx(expected.item())
 
 
 def test_tokenize_shapes(dqn):
@@ -197,6 +227,18 @@ def test_impala_structure_and_init(dqn):
     assert conv.weight.abs().max() <= bound and conv.weight.abs().max() > 0.9 * bound
     assert conv.bias.eq(0).all()
     assert (encoder(torch.rand(1, 4, 84, 84)) >= 0).all()  # a ReLU after the last stack
+    # residual blocks add to their input: with every block's second conv zeroed, a stack is conv -> max-pool
+    stack = encoder.stages[0]
+    x = torch.rand(1, 4, 84, 84)
+    with torch.no_grad():
+        for _, conv_b in stack.blocks:
+            conv_b.weight.zero_()
+            conv_b.bias.fill_(0.5)
+        # 84 -> 42 with TF-SAME: one pixel of -inf padding at the bottom and right only
+        pooled = torch.nn.functional.max_pool2d(torch.nn.functional.pad(stack.conv(x), (0, 1, 0, 1), value=-math.inf), 3, 2)
+        out = stack(x)
+    assert out.shape == (1, 16, 42, 42)
+    torch.testing.assert_close(out, pooled + 1.0)  # + 0.5 from each of the 2 blocks
 
 
 def test_grouped_encoder_is_independent_encoders(dqn):

@@ -577,6 +577,16 @@ def test_memory_is_checked_before_loading(cql, tmp_path, monkeypatch):
     with pytest.raises(ValueError) as error:
         cql.prepare(args)
     assert "needs 0.0 GB but 1.0 GB of host memory is available; use --checkpoints-per-iteration 5" in str(error.value)
+    # the bound: 7,071 B per loaded transition (frame, action, reward, 2 flags, start index) plus 1 GiB of headroom
+    records = cql.scan_dataset({1: str(tmp_path / "data" / "Pong" / "1")}, (), 1.0, 6)
+    need = sum(r["rows"] for r in records) * 7_071 + 2**30
+    for free, refused in ((need - 1, True), (need, False)):
+        monkeypatch.setattr(cql, "available_memory", lambda device, free=free: (free, "host memory is available"))
+        if refused:
+            with pytest.raises(ValueError, match="needs"):
+                cql.prepare(args)
+        else:
+            cql.prepare(args)
 
 
 @pytest.mark.parametrize("flags,message", [

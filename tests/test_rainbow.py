@@ -159,7 +159,9 @@ def test_prioritized_replay_gives_priority_exactly_to_valid_starts(rainbow, num_
             assert not rb.last[idx % size, envs].any() and idx.min() >= lo and idx.max() <= hi
             losses = torch.as_tensor(rng.random(8) * (t + 1))
             rb.update_priorities(idx, envs, losses)
-            torch.testing.assert_close(rb.tree.get(rb.leaves(idx, envs)).max(), (losses.max() + 1e-10).sqrt())
+            leaves = rb.leaves(idx, envs)  # every sampled leaf gets sqrt(loss + 1e-10), a repeated one its last loss
+            last = [max(j for j in range(8) if leaves[j] == leaves[i]) for i in range(8)]
+            torch.testing.assert_close(rb.tree.get(leaves), (losses[last] + 1e-10).sqrt())
     assert rb.max_priority > 5.0  # raised by the losses
 
 
@@ -530,3 +532,10 @@ def test_rainbow_impala_softmoe_saves_and_evaluates(tmp_path):
     assert summary["global_step"] == 120 and summary["script"] == "rainbow_softmoe.py" and len(summary["eval_returns"]) == 2
     returns = [v for _, v in read_scalars(run_dir)["eval/episodic_return"]]  # the mean of the 2 games
     assert returns == [pytest.approx(np.mean(summary["eval_returns"]))] and all(-21 <= r <= 21 for r in returns)
+
+
+def test_prioritized_replay_allocates_what_nbytes_says(rainbow):
+    rb = rainbow.PrioritizedReplayBuffer(1000, 2, "cpu", n_step=3)
+    storage = [t for t in vars(rb).values() if isinstance(t, torch.Tensor) and t.numel() >= 1000] + [rb.tree.nodes]
+    assert sum(t.numel() * t.element_size() for t in storage) == rainbow.PrioritizedReplayBuffer.nbytes(1000)
+    assert rainbow.PrioritizedReplayBuffer.nbytes(1_000_000) == 7_063_000_000 + 2 * 2**20 * 8  # < 7.1 GB
