@@ -362,8 +362,8 @@ class SoftMoE(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
         batch, n, p = tokens.shape[0], self.num_experts, self.slots_per_expert
-        if self.random_phi:  # Figure 8 (right): Phi ~ N(0, 1), never learned, redrawn per sample at every call (the
-            phi = torch.randn(batch, self.dim, n * p, device=tokens.device, dtype=tokens.dtype)  # official: a key each)
+        if self.random_phi:  # Figure 8 (right): Phi ~ N(0, 1), never learned, redrawn at every call, one per sample
+            phi = torch.randn(batch, self.dim, n * p, device=tokens.device, dtype=tokens.dtype)  # official: a key each
         else:
             phi = self.phi
         if self.l2_norm:
