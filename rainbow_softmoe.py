@@ -96,7 +96,7 @@ class Args:
     noisy: bool = True
     """noisy nets in the heads and, with an MoE, in each expert's first layer; they explore (see --noisy-epsilon)"""
     noisy_epsilon: float = 0.0
-    """with noisy nets: a constant training epsilon on top of the noise (SPEC: 0; the official code and Table 2: 0.01)"""
+    """with noisy nets: a constant training epsilon on top of the noise (0: the noise alone; the official code and Table 2: 0.01)"""
     dueling: bool = True
     """dueling head: per atom, value + advantage - mean advantage over actions"""
     double_q: bool = True
