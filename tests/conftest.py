@@ -15,6 +15,16 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(_name, _threads)  # read when torch is imported, here and in every subprocess
 
+# Slowest files first: with pytest-xdist their long runs then overlap the many short tests instead of ending alone.
+SLOW_FIRST = ["test_long_runs.py", "test_offline.py", "test_learning.py", "test_benchmark_launch.py", "test_atari100k.py",
+              "test_rainbow.py", "test_runs.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: each file keeps its order
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(os.path.basename(p)[: -len(".py")] for p in glob.glob(os.path.join(ROOT, "*_softmoe.py")))
 
