@@ -9,13 +9,13 @@ none has finished yet). Events are read with tensorboard's own `EventAccumulator
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
+from benchmark.launch import logged_args
 from benchmark.registry import SCRIPTS, Experiment
 
 GAP_S = 30 * 60  # event gaps longer than this (queueing, requeues) do not count as training time
@@ -32,11 +32,10 @@ class RunRecord:
 
 def logged_budget(path: str, script: str) -> int | None:
     """The budget (--total-timesteps, or --num-iterations offline) a finished run's summary.json logged."""
+    value = (logged_args(path) or {}).get(SCRIPTS[script].budget_flag[2:].replace("-", "_"))
     try:
-        with open(os.path.join(path, "summary.json")) as f:
-            value = json.load(f).get("args", {}).get(SCRIPTS[script].budget_flag[2:].replace("-", "_"))
         return int(value)
-    except (OSError, ValueError, TypeError, AttributeError):
+    except (TypeError, ValueError):
         return None
 
 

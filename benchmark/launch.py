@@ -73,18 +73,22 @@ def args_match(flags, logged_args: dict) -> bool:
     return True
 
 
+def logged_args(path: str) -> dict | None:
+    """The arguments a finished run logged in its summary.json; None when unfinished or unreadable."""
+    try:
+        with open(os.path.join(path, "summary.json")) as f:
+            logged = json.load(f).get("args", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    return logged if isinstance(logged, dict) else None
+
+
 def finished_dir(run: Run, runs_dir: str, index: dict | None = None) -> str | None:
     """The newest finished run directory of this run (summary.json, matching arguments), or None."""
     for path in reversed(run_dirs(run, runs_dir, index)):
-        summary = os.path.join(path, "summary.json")
-        if os.path.exists(summary):
-            try:
-                with open(summary) as f:
-                    logged = json.load(f).get("args", {})
-            except (OSError, ValueError):
-                continue
-            if args_match(run.flags, logged):
-                return path
+        logged = logged_args(path)
+        if logged is not None and args_match(run.flags, logged):
+            return path
     return None
 
 
