@@ -50,7 +50,7 @@ class Args:
     cuda: bool = True
     """use CUDA when it is available (networks, replay memory, sum tree and sampling all live on the GPU)"""
     compile: bool = False
-    """compile the training step with `torch.compile`"""
+    """compile the training step, acting and the replay's sampling with `torch.compile` (fewer GPU kernel launches)"""
     compile_mode: Literal["default", "reduce-overhead"] = "default"
     """with --compile: reduce-overhead captures the step in CUDA graphs and replays it (GPU only; not yet measured)"""
     tf32: bool = False
@@ -699,11 +699,9 @@ class ReplayBuffer:
     def add(self, frames, actions, rewards, terminals, last):
         """Write one slot for every env: frames (N, 84, 84) uint8, the rest (N,)."""
         slot = self.t % self.size
-        self.frames[slot] = torch.as_tensor(frames, device=self.device)
-        self.actions[slot] = torch.as_tensor(actions, device=self.device).to(torch.uint8)
-        self.rewards[slot] = torch.as_tensor(rewards, device=self.device, dtype=torch.float32)
-        self.terminals[slot] = torch.as_tensor(terminals, device=self.device)
-        self.last[slot] = torch.as_tensor(last, device=self.device)
+        for storage, value in zip((self.frames, self.actions, self.rewards, self.terminals, self.last),
+                                  (frames, actions, rewards, terminals, last)):
+            storage[slot].copy_(torch.as_tensor(value))  # one host-to-device copy straight into the slot
         self.t += 1
 
     def valid_range(self) -> tuple[int, int]:
@@ -762,6 +760,11 @@ class ReplayBuffer:
     def sample(self, batch_size):
         return self.gather(*self.sample_indices(batch_size))
 
+    def compile(self) -> None:
+        """--compile: `gather`'s ~60 small tensor operations fuse into a few kernels (on a GPU, launches cost more
+        than their work). Shapes are static: one compilation per batch size."""
+        self.gather = torch.compile(self.gather, dynamic=False, fullgraph=True)
+
     def state_dict(self) -> dict:
         """Contents and sampler state; only the written part when not yet full (a slice would save everything)."""
         filled = min(self.t, self.size)
@@ -790,6 +793,12 @@ class SumTree:
         self.first_leaf = 2**self.depth
         self.nodes = torch.zeros(2 * self.first_leaf, dtype=torch.float64, device=device)
 
+    def compile(self) -> None:
+        """Fuse the level loops (eagerly about 10 kernels per level): `find` becomes one kernel that walks all levels,
+        `update` one kernel per level. Same arithmetic, so the same results; one compilation per batch size."""
+        self.find = torch.compile(self.find, dynamic=False, fullgraph=True)
+        self.update = torch.compile(self.update, dynamic=False, fullgraph=True)
+
     def total(self) -> torch.Tensor:
         return self.nodes[1]
 
@@ -802,20 +811,21 @@ class SumTree:
         node = leaf + self.first_leaf
         last = ((leaf[:, None] == leaf[None, :]) * torch.arange(len(leaf), device=leaf.device)).amax(1)
         self.nodes[node] = value.to(self.nodes.dtype)[last]
+        children = self.nodes.view(-1, 2)  # row k: the sums of node k's children 2k and 2k + 1
         for _ in range(self.depth):
             node = node // 2
-            self.nodes[node] = self.nodes[2 * node] + self.nodes[2 * node + 1]
+            self.nodes[node] = children[node].sum(1)
 
     def find(self, query: torch.Tensor) -> torch.Tensor:
         """Leaf whose interval of the cumulative sum holds each query in [0, total); never a zero-priority leaf."""
-        node = torch.ones_like(query, dtype=torch.long)
+        children = self.nodes.view(-1, 2)  # row k: the sums of node k's children 2k and 2k + 1
+        node, zero = torch.ones_like(query, dtype=torch.long), torch.zeros((), dtype=self.nodes.dtype, device=query.device)
         for _ in range(self.depth):
-            left, right = self.nodes[2 * node], self.nodes[2 * node + 1]
+            left, right = children[node].unbind(1)
             go_right = query >= left
             # keep query < the chosen child's sum despite rounding, so a child of sum 0 is never entered
-            below_right = torch.nextafter(right, torch.zeros_like(right))
-            query = torch.where(go_right, torch.minimum(query - left, below_right), query)
-            node = 2 * node + go_right.long()
+            query = torch.where(go_right, torch.minimum(query - left, torch.nextafter(right, zero)), query)
+            node = 2 * node + go_right
         return node - self.first_leaf
 
     def stratified_sample(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -851,17 +861,21 @@ class PrioritizedReplayBuffer(ReplayBuffer):
     def add(self, frames, actions, rewards, terminals, last):
         super().add(frames, actions, rewards, terminals, last)
         lo, hi = self.valid_range()
-        # no longer valid: the slot just overwritten and the one whose oldest stack frame it held (lo - 1)
-        slots = [(self.t - 1) % self.size, (lo - 1) % self.size]
-        values = [torch.zeros(2 * self.num_envs, dtype=torch.float64, device=self.device)]
-        if hi >= 0:  # newly valid: its n-step window is written; a final observation starts no transition
-            slots.append(hi % self.size)
-            values.append(self.max_priority * ~self.last[hi % self.size])
-        self.tree.update(torch.cat([slot * self.num_envs + self.env_ids for slot in slots]), torch.cat(values))
+        # no longer valid: the slot just overwritten and the one whose oldest stack frame it held (lo - 1); newly
+        # valid: slot hi, whose n-step window is written (a final observation starts no transition). Before hi >= 0
+        # the just-overwritten slot stands in for it with 0 again, so the tree always updates 3 x num_envs leaves.
+        slots = [(self.t - 1) % self.size, (lo - 1) % self.size, hi % self.size if hi >= 0 else (self.t - 1) % self.size]
+        new = self.max_priority * ~self.last[slots[2]] * (hi >= 0)
+        values = torch.cat([torch.zeros(2 * self.num_envs, dtype=torch.float64, device=self.device), new])
+        self.tree.update(torch.cat([slot * self.num_envs + self.env_ids for slot in slots]), values)
 
     def can_sample(self) -> bool:
         lo, hi = self.valid_range()
         return hi > lo  # two slots: one of them is not a final observation, so the tree's total is positive
+
+    def compile(self) -> None:
+        super().compile()
+        self.tree.compile()
 
     def sample_indices(self, batch_size):
         """Starts drawn with probability priority / total priority, stratified over the batch; logical slots, envs."""
@@ -1639,6 +1653,10 @@ def build_agent(args: Args, num_actions: int, device: torch.device) -> types.Sim
     def act(obs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():  # training mode: each env's state gets its own noise
             return expected_q(q_network(obs), q_network.support).argmax(1)
+
+    if args.compile:  # sampling, batch assembly and acting: fused kernels instead of hundreds of small ones
+        rb.compile()
+        act = torch.compile(act, dynamic=False)
 
     return types.SimpleNamespace(q_network=q_network, target_network=target_network, optimizer=optimizer, rb=rb,
                                  update=update, act=act)

@@ -1,5 +1,6 @@
 """--compile changes speed, not results: the compiled and eager `update()` of a script's `build_agent` take the same
-parameters to the same values on a fixed seed (CPU; inductor generates C++ here, Triton on a GPU). On a machine with
+parameters to the same values and `act()` picks the same actions on a fixed seed (CPU; inductor generates C++ here,
+Triton on a GPU); the compiled replay (sum tree, batch assembly) computes exactly what the eager one does. On a machine with
 CUDA the same comparison runs there too, with and without CUDA graphs (--compile-mode reduce-overhead)."""
 
 import sys
@@ -24,7 +25,8 @@ def train(module, compile: bool, device: str = "cpu", mode: str = "default", upd
     fill_replay(agent.rb, 300, 6)
     initial = {k: v.detach().clone() for k, v in agent.q_network.state_dict().items()}
     losses = [agent.update()[0] for _ in range(updates)]
-    return torch.stack(losses), initial, {k: v.detach().clone() for k, v in agent.q_network.state_dict().items()}
+    greedy = agent.act(agent.rb.stack_frames(torch.arange(10, 18), torch.zeros(8, dtype=torch.long)).to(device))
+    return torch.cat([torch.stack(losses), greedy.float()]), initial, {k: v.detach().clone() for k, v in agent.q_network.state_dict().items()}
 
 
 # full Rainbow: the most the compiled step holds (C51, noisy nets drawing noise inside it, importance weights from
@@ -77,3 +79,33 @@ def test_tf32_update_stays_close_to_float32(script):
     for name in exact:
         torch.testing.assert_close(fast[name], exact[name], rtol=2e-2, atol=1e-4, msg=name)
     assert any(not torch.equal(initial[n], exact[n]) for n in exact if initial[n].is_floating_point())
+
+
+def test_compiled_replay_matches_eager():
+    """--compile's replay: the sum tree's fused level loops and the compiled batch assembly give the eager results
+    exactly (same sampled starts, same tree after adds and priority updates, a leaf given twice keeps its last value)."""
+    torch._dynamo.reset()
+    module = load_script("rainbow_softmoe")
+    eager, compiled = (module.PrioritizedReplayBuffer(400, 1, "cpu", n_step=3, seed=0) for _ in range(2))
+    compiled.compile()
+    assert all(hasattr(f, "_torchdynamo_orig_callable") for f in (compiled.gather, compiled.tree.find, compiled.tree.update))
+    for rb in (eager, compiled):
+        fill_replay(rb, 300, 6)  # 300 adds: each sets 3 leaves (the compiled update's first shape)
+    assert torch.equal(compiled.tree.nodes, eager.tree.nodes) and compiled.tree.total() > 0
+    losses = torch.rand(6, 8, generator=torch.Generator().manual_seed(0))
+    losses[5, 4:] = 0.0  # priority sqrt(1e-10) on some leaves
+    for loss in losses:
+        batches = []
+        for rb in (eager, compiled):
+            idx, envs = rb.sample_indices(8)
+            batches.append((idx, envs, rb.importance_weights(idx, envs), *rb.gather(idx, envs)))
+            rb.update_priorities(idx, envs, loss)  # 8 leaves: the compiled update's second shape
+        assert batches[0][0].unique().numel() > 1
+        for e, c in zip(*batches):
+            torch.testing.assert_close(c, e, rtol=0, atol=1e-6)  # exact for the indices, frames, actions
+        assert torch.equal(compiled.tree.nodes, eager.tree.nodes)
+    leaf, value = torch.tensor([7, 3, 7, 11, 7, 3, 20, 21]), torch.arange(1.0, 9.0, dtype=torch.float64)
+    for rb in (eager, compiled):
+        rb.tree.update(leaf, value)
+    assert torch.equal(compiled.tree.nodes, eager.tree.nodes)
+    assert compiled.tree.get(torch.tensor([7, 3])).tolist() == [5.0, 6.0]
