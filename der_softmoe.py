@@ -772,9 +772,11 @@ class ReplayBuffer:
     def add(self, frames, actions, rewards, terminals, last):
         """Write one slot for every env: frames (N, 84, 84) uint8, the rest (N,)."""
         slot = self.t % self.size
+        pinned = self.frames.is_cuda  # from page-locked memory a copy is asynchronous: it does not wait for the GPU
         for storage, value in zip((self.frames, self.actions, self.rewards, self.terminals, self.last),
                                   (frames, actions, rewards, terminals, last)):
-            storage[slot].copy_(torch.as_tensor(value))  # one host-to-device copy straight into the slot
+            value = torch.as_tensor(value)
+            storage[slot].copy_(value.pin_memory() if pinned else value, non_blocking=pinned)  # straight into the slot
         self.t += 1
 
     def valid_range(self) -> tuple[int, int]:

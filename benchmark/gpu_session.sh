@@ -9,11 +9,12 @@
 # call timeout_s 600 and run `compile` (compiles twice per script, a few minutes) in a second call if time is left):
 #   envs1     dqn/rainbow, Impala, baseline vs Soft MoE x8, 1 env (the paper's setting), eager
 #   envs8     the same with --num-envs 8
-#   compile   tests/test_compile.py on the GPU (eager = compiled, with and without CUDA graphs; TF32 close to float32),
-#             then dqn/rainbow Soft MoE x8, 1 env: --compile, --compile --compile-mode reduce-overhead, and the latter
-#             with --tf32 (compile.md, graphs.md, tf32.md)
+#   compile   tests/test_compile.py on the GPU (eager = compiled, with and without CUDA graphs; TF32 close to float32;
+#             the replay's asynchronous copies), then dqn/rainbow Soft MoE x8, 1 env: --compile, --compile
+#             --compile-mode reduce-overhead (both with launch counts per update, act and add), and the latter with
+#             --tf32 (compile.md, graphs.md, tf32.md); der Soft MoE x8 with CUDA graphs and its 100k-run time (der-graphs.md)
 #   atari100k der/drq, Impala, baseline vs Soft MoE x8, 1 env: the learning-bound rate gives a 100k run's time
-#   profile   rainbow/der Soft MoE x8, Impala: 20 updates under torch.profiler (kernel launches per update, top ops)
+#   profile   rainbow/der Soft MoE x8, Impala: 20 updates, acts and adds under torch.profiler (kernel launches per call)
 # Each phase writes $OUT/<phase>.md (benchmark/speed.py --out); the .json numbers are packed into $OUT/numbers.tar.gz
 # at the end (with machine.txt, at most 8 files for all phases: the device tool brings back 8); copy them to
 # benchmark/results/speed/<gpu>-<phase>.md and commit. QUICK=1 shrinks every count (a smoke test of this file
@@ -60,9 +61,11 @@ for p in "${phases[@]}"; do
     envs8) phase envs8 --scripts dqn_softmoe rainbow_softmoe --moe-types baseline softmoe --num-envs 8 ;;
     compile)  # compiled = eager on the GPU (CUDA graphs too), then both modes' speed
       python3 -m pytest -p no:cacheprovider -q tests/test_compile.py 2>&1 | tail -5
-      phase compile --scripts dqn_softmoe rainbow_softmoe --moe-types softmoe --num-envs 1 --compile
+      phase compile --scripts dqn_softmoe rainbow_softmoe --moe-types softmoe --num-envs 1 --compile --profile 20
       phase graphs --scripts dqn_softmoe rainbow_softmoe --moe-types softmoe --num-envs 1 --compile \
-        --compile-mode reduce-overhead
+        --compile-mode reduce-overhead --profile 20
+      phase der-graphs --scripts der_softmoe --moe-types softmoe --num-envs 1 --compile --compile-mode reduce-overhead \
+        --profile 20
       phase tf32 --scripts dqn_softmoe rainbow_softmoe --moe-types softmoe --num-envs 1 --compile \
         --compile-mode reduce-overhead --tf32 ;;
     atari100k) phase atari100k --scripts der_softmoe drq_softmoe --moe-types baseline softmoe --num-envs 1 ;;

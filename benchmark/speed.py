@@ -11,8 +11,8 @@ For each (script, MoE type) it measures, on the same game and device:
   and the agent steps per second this allows at the script's replay ratio;
 - both: a real run of the script (a subprocess), agent steps per second once learning has started, read from
   its `charts/SPS`, with the run's peak host memory (and peak GPU memory from its summary.json);
-- with --profile N: N updates under torch.profiler: operator calls and kernel launches per update, and the
-  operators that take the most time (what to change first).
+- with --profile N: N updates, N acting calls and N replay adds under torch.profiler: operator calls, kernel
+  launches and host-device copies per call, and the update's operators that take the most time (what to change first).
 Scripts provide `build_agent(args, num_actions, device)`, the same function their `main` uses.
 """
 
@@ -99,28 +99,43 @@ def updating(agent, updates: int, device) -> float:
     return rate(updates, time.perf_counter() - start)
 
 
-def profile_updates(agent, updates: int, device, top: int = 12) -> dict:
-    """`updates` calls of `agent.update()` under torch.profiler: per update, the operator calls, the kernel (or CUDA
-    graph) launches, and the `top` operators by self time (device time on a GPU)."""
+def profile_calls(fn, calls: int, device, top: int = 0) -> dict:
+    """`calls` calls of `fn` under torch.profiler (after one outside it): per call, the operator calls, the kernel (or
+    CUDA graph) launches and host-device copies on a GPU, and the `top` operators by self time (device time on a GPU)."""
     from torch.profiler import ProfilerActivity, profile
 
-    agent.update()
+    fn()
     sync(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        for _ in range(updates):
-            agent.update()
+        for _ in range(calls):
+            fn()
         sync(device)
     events = prof.key_averages()
-    launches = sum(e.count for e in events if "LaunchKernel" in e.key or "GraphLaunch" in e.key)
     on_device = device.type == "cuda"
+    count = lambda *keys: sum(e.count for e in events if any(k in e.key for k in keys)) / calls if on_device else None
     self_us = (lambda e: e.self_device_time_total) if on_device else (lambda e: e.self_cpu_time_total)
-    ops = [e for e in events if e.key.startswith("aten::")]
     ranked = sorted(events, key=self_us, reverse=True)[:top]
-    return {"updates": updates, "ops_per_update": sum(e.count for e in ops) / updates,
-            "launches_per_update": launches / updates if on_device else None,
-            "top": [{"name": e.key, "ms_per_update": self_us(e) / 1000 / updates, "calls_per_update": e.count / updates}
+    return {"ops_per_call": sum(e.count for e in events if e.key.startswith("aten::")) / calls,
+            "launches_per_call": count("LaunchKernel", "GraphLaunch"), "copies_per_call": count("cudaMemcpy"),
+            "top": [{"name": e.key, "ms_per_call": self_us(e) / 1000 / calls, "calls_per_call": e.count / calls}
                     for e in ranked]}
+
+
+def profile_updates(agent, updates: int, device, num_actions: int, online: bool, top: int = 12) -> dict:
+    """Where an agent step's device work goes: `updates` calls of `agent.update()` (with its `top` operators), and
+    for the online scripts as many calls of `agent.act()` on a batch of num_envs states and of the replay's `add()`
+    (an agent step = one act, one add and replay-ratio updates)."""
+    result = {"updates": updates, "update": profile_calls(agent.update, updates, device, top)}
+    if online:
+        rb, rng = agent.rb, np.random.default_rng(0)
+        states = torch.zeros((rb.num_envs, 4, 84, 84), dtype=torch.uint8, device=device)
+        frames = rng.integers(0, 256, (rb.num_envs, 84, 84), dtype=np.uint8)
+        no = np.zeros(rb.num_envs, dtype=bool)
+        result["act"] = profile_calls(lambda: agent.act(states), updates, device)
+        result["add"] = profile_calls(lambda: rb.add(frames, rng.integers(num_actions, size=rb.num_envs),
+                                                     rng.random(rb.num_envs), no, no), updates, device)
+    return result
 
 
 def full_loop(script: str, flags: list[str], learning_starts: int, total: int, device: str) -> dict:
@@ -177,7 +192,7 @@ def measure(script: str, moe_type: str, opts) -> dict:
               "parameters": sum(p.numel() for p in agent.q_network.parameters()),
               "updates_per_s": updating(agent, opts.updates, device)}
     if getattr(opts, "profile", 0):
-        result["profile"] = profile_updates(agent, opts.profile, device)
+        result["profile"] = profile_updates(agent, opts.profile, device, num_actions, spec.kind != "offline")
     replay_ratio = getattr(args, "replay_ratio", None)
     if spec.kind != "offline":
         result["env_only_sps"] = env_only(module, rom, protocol, opts.num_envs, opts.steps)
@@ -217,14 +232,19 @@ def markdown(results: list[dict], opts, machine: str) -> str:
                      f"{gb(r['replay_bytes_1m'])} |")
     lines += ["", "learning-bound = updates/s divided by the replay ratio (the steps/s if acting were free); "
               "both = a real run of the script after its warm-up."]
-    for r in results:  # where an update's time goes
+    def counts(c: dict) -> str:
+        on_gpu = c["launches_per_call"] is not None
+        return f"{c['ops_per_call']:,.0f} operator calls" + (
+            f", {c['launches_per_call']:,.0f} kernel launches, {c['copies_per_call']:,.0f} copies" if on_gpu else "")
+
+    for r in results:  # where an agent step's time goes
         if r.get("profile"):
             p = r["profile"]
-            launches = f", {p['launches_per_update']:,.0f} kernel launches" if p["launches_per_update"] is not None else ""
-            lines += ["", f"Profile of `update()`, {r['script']} {r['moe_type']} ({p['updates']} updates): "
-                      f"{p['ops_per_update']:,.0f} operator calls{launches} per update.", "",
-                      "| operator | self ms / update | calls / update |", "|---|---|---|"]
-            lines += [f"| `{t['name']}` | {t['ms_per_update']:.3f} | {t['calls_per_update']:.1f} |" for t in p["top"]]
+            lines += ["", f"Profile of {r['script']} {r['moe_type']} ({p['updates']} calls each): `update()` "
+                      f"{counts(p['update'])}"
+                      + "".join(f"; `{k}()` {counts(p[k])}" for k in ("act", "add") if k in p) + " per call.", "",
+                      "| operator in `update()` | self ms / update | calls / update |", "|---|---|---|"]
+            lines += [f"| `{t['name']}` | {t['ms_per_call']:.3f} | {t['calls_per_call']:.1f} |" for t in p["update"]["top"]]
     for r in results:  # the Atari 100k target: a whole run's time at the measured rate (evaluation not included)
         if SCRIPTS[r["script"]].kind == "atari100k" and r.get("both_sps"):
             lines.append(f"- {r['script']} {r['moe_type']}: a 100k-step run takes about "
@@ -258,7 +278,7 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=50, help="gradient updates timed")
     parser.add_argument("--fill", type=int, default=5000, help="replay transitions of random frames for the update timing")
     parser.add_argument("--buffer-size", type=int, default=100_000, help="replay capacity of the measured agents")
-    parser.add_argument("--profile", type=int, default=0, help="profile this many updates with torch.profiler (0: off)")
+    parser.add_argument("--profile", type=int, default=0, help="profile this many updates, acting calls and replay adds with torch.profiler (0: off)")
     parser.add_argument("--no-full-loop", dest="full_loop", action="store_false", help="skip the real runs")
     parser.add_argument("--loop-warmup", type=int, default=1000, help="agent steps before learning in the real runs")
     parser.add_argument("--loop-steps", type=int, default=2000, help="agent steps timed in the real runs")

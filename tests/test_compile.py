@@ -109,3 +109,22 @@ def test_compiled_replay_matches_eager():
         rb.tree.update(leaf, value)
     assert torch.equal(compiled.tree.nodes, eager.tree.nodes)
     assert compiled.tree.get(torch.tensor([7, 3])).tolist() == [5.0, 6.0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the replay's CUDA path (asynchronous pinned copies)")
+@pytest.mark.parametrize("script", ["dqn_softmoe", "rainbow_softmoe"])
+def test_replay_on_the_gpu_holds_what_the_cpu_replay_holds(script):
+    """On CUDA `add` copies from page-locked memory without waiting: the stored transitions, a batch gathered for the
+    same starts and the sum tree equal the CPU replay's."""
+    module = load_script(script)
+    replays = [module.PrioritizedReplayBuffer(400, 2, device, n_step=3, seed=0) if script == "rainbow_softmoe" else
+               module.ReplayBuffer(400, 2, device, n_step=3, seed=0) for device in ("cpu", "cuda")]
+    for rb in replays:
+        fill_replay(rb, 300, 6)
+    cpu, gpu = replays
+    for name in ("frames", "actions", "rewards", "terminals", "last") + (("tree",) if script == "rainbow_softmoe" else ()):
+        a, b = (getattr(rb, name) if name != "tree" else rb.tree.nodes for rb in replays)
+        assert torch.equal(b.cpu(), a), name
+    idx, envs = cpu.sample_indices(32)
+    for a, b in zip(cpu.gather(idx, envs), gpu.gather(idx.cuda(), envs.cuda())):
+        torch.testing.assert_close(b.cpu(), a)

@@ -31,13 +31,19 @@ def test_measure_reports_rates_and_replay_size(script):
         assert result["env_only_sps"] > result["acting_sps"] > 0
         replay_ratio = 1.0 if script == "der_softmoe" else 0.25
         assert result["learning_bound_sps"] == pytest.approx(result["updates_per_s"] / replay_ratio)
-    profile = result["profile"]  # where an update's time goes: operators by self time, calls per update
-    assert profile["updates"] == 2 and profile["ops_per_update"] > 10 and profile["launches_per_update"] is None
-    assert len(profile["top"]) == 12 and all(t["name"] and t["ms_per_update"] >= 0 for t in profile["top"])
-    assert profile["top"][0]["ms_per_update"] == max(t["ms_per_update"] for t in profile["top"])
+    profile = result["profile"]  # where an agent step's time goes: operators by self time, calls per update
+    update = profile["update"]
+    assert profile["updates"] == 2 and update["ops_per_call"] > 10 and update["launches_per_call"] is None
+    assert len(update["top"]) == 12 and all(t["name"] and t["ms_per_call"] >= 0 for t in update["top"])
+    assert update["top"][0]["ms_per_call"] == max(t["ms_per_call"] for t in update["top"])
+    if script == "cql_softmoe":  # offline: no acting, no adds
+        assert "act" not in profile and "add" not in profile
+    else:  # an act is a forward pass; an add is 5 copies (nested operators counted too), DER's also updates its sum tree
+        assert profile["act"]["ops_per_call"] > 10 and profile["act"]["launches_per_call"] is None
+        assert (profile["add"]["ops_per_call"] > 100) == (script == "der_softmoe") and profile["add"]["ops_per_call"] >= 5
     table = speed.markdown([result], types.SimpleNamespace(**OPTS), "test machine")
     assert f"| {script} | softmoe ×2 |" in table and "test machine" in table
-    assert f"Profile of `update()`, {script} softmoe (2 updates)" in table
+    assert f"Profile of {script} softmoe (2 calls each): `update()` {update['ops_per_call']:,.0f} operator calls" in table
 
 
 def test_atari100k_rows_give_a_whole_runs_time():
