@@ -6,13 +6,14 @@
 #   on the GPU:   bash benchmark/gpu_session.sh [PHASE...]         # carry .whl; results go to $OUT
 #
 # PHASE (default: envs1 envs8 atari100k profile; estimated 7-9 minutes on an H100, never measured yet, so give the device
-# call timeout_s 600 and run `compile` (compiles twice per script, a few minutes) in a second call if time is left):
+# call timeout_s 600; then, if time is left, `compile` and `graphs` (each compiles 2-3 scripts: minutes) in other calls):
 #   envs1     dqn/rainbow, Impala, baseline vs Soft MoE x8, 1 env (the paper's setting), eager
 #   envs8     the same with --num-envs 8
-#   compile   tests/test_compile.py on the GPU (eager = compiled, with and without CUDA graphs; TF32 close to float32;
-#             the replay's asynchronous copies), then dqn/rainbow Soft MoE x8, 1 env: --compile, --compile
-#             --compile-mode reduce-overhead (both with launch counts per update, act and add), and the latter with
-#             --tf32 (compile.md, graphs.md, tf32.md); der Soft MoE x8 with CUDA graphs and its 100k-run time (der-graphs.md)
+#   compile   the GPU cases of tests/test_compile.py (eager = compiled, with and without CUDA graphs; TF32 close to
+#             float32; the replay's asynchronous copies), then dqn/rainbow Soft MoE x8, 1 env, --compile, with launch
+#             counts per update, act and add (compile.md)
+#   graphs    dqn/rainbow Soft MoE x8, 1 env, --compile --compile-mode reduce-overhead (CUDA graphs, with launch counts;
+#             graphs.md), der the same with its 100k-run time (der-graphs.md), and dqn/rainbow with --tf32 too (tf32.md)
 #   atari100k der/drq, Impala, baseline vs Soft MoE x8, 1 env: the learning-bound rate gives a 100k run's time
 #   profile   rainbow/der Soft MoE x8, Impala: 20 updates, acts and adds under torch.profiler (kernel launches per call)
 # Each phase writes $OUT/<phase>.md (benchmark/speed.py --out); the .json numbers are packed into $OUT/numbers.tar.gz
@@ -25,8 +26,8 @@ phases=("$@")
 [ ${#phases[@]} -eq 0 ] && phases=(envs1 envs8 atari100k profile)
 for p in "${phases[@]}"; do
   case $p in
-    envs1|envs8|compile|atari100k|profile) ;;
-    *) echo "gpu_session.sh: unknown phase '$p' (envs1, envs8, compile, atari100k, profile)"; exit 2 ;;
+    envs1|envs8|compile|graphs|atari100k|profile) ;;
+    *) echo "gpu_session.sh: unknown phase '$p' (envs1, envs8, compile, graphs, atari100k, profile)"; exit 2 ;;
   esac
 done
 OUT=${OUT:-gpu-results}
@@ -59,9 +60,10 @@ for p in "${phases[@]}"; do
   case $p in
     envs1) phase envs1 --scripts dqn_softmoe rainbow_softmoe --moe-types baseline softmoe --num-envs 1 ;;
     envs8) phase envs8 --scripts dqn_softmoe rainbow_softmoe --moe-types baseline softmoe --num-envs 8 ;;
-    compile)  # compiled = eager on the GPU (CUDA graphs too), then both modes' speed
-      python3 -m pytest -p no:cacheprovider -q tests/test_compile.py 2>&1 | tail -5
-      phase compile --scripts dqn_softmoe rainbow_softmoe --moe-types softmoe --num-envs 1 --compile --profile 20
+    compile)  # compiled = eager on the GPU (CUDA graphs too; the GPU cases only), then the compiled speed
+      python3 -m pytest -p no:cacheprovider -q tests/test_compile.py -k "cuda or gpu or tf32" 2>&1 | tail -5
+      phase compile --scripts dqn_softmoe rainbow_softmoe --moe-types softmoe --num-envs 1 --compile --profile 20 ;;
+    graphs)
       phase graphs --scripts dqn_softmoe rainbow_softmoe --moe-types softmoe --num-envs 1 --compile \
         --compile-mode reduce-overhead --profile 20
       phase der-graphs --scripts der_softmoe --moe-types softmoe --num-envs 1 --compile --compile-mode reduce-overhead \
