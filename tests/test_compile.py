@@ -22,6 +22,9 @@ def train(module, compile: bool, device: str = "cpu", mode: str = "default", upd
                        compile=compile, compile_mode=mode if compile else "default", cuda=device == "cuda")
     torch.manual_seed(0)
     agent = module.build_agent(args, 6, torch.device(device))
+    if compile:  # what --compile promises is compiled: acting and the replay's sampling (the step is inside update)
+        tree = [agent.rb.tree.find, agent.rb.tree.update] if hasattr(agent.rb, "tree") else []
+        assert all(hasattr(f, "_torchdynamo_orig_callable") for f in [agent.act, agent.rb.gather, *tree])
     fill_replay(agent.rb, 300, 6)
     initial = {k: v.detach().clone() for k, v in agent.q_network.state_dict().items()}
     losses = [agent.update()[0] for _ in range(updates)]
