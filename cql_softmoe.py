@@ -1622,6 +1622,7 @@ def main(args: Args, rom: str, run_dir: str, checkpoint, records: list, num_acti
     print(f"{run_dir}: {rom}, {num_actions} actions, {args.agent}, {sum(p.numel() for p in q_network.parameters()):,} "
           f"parameters, device {device}; data: run(s) {', '.join(map(str, runs))}, {len(records)} checkpoint(s), "
           f"{sum(r['rows'] for r in records):,} transitions ({args.data_fraction:g} of each)"
+          + (", --compile: the first updates compile, a minute or more" if args.compile else "")
           + (f", resumed at gradient step {global_step}" if checkpoint else ""), flush=True)
     if args.resume == "auto" and checkpoint is None:
         print("--resume auto: no unfinished run of this game, exp_name and seed has a checkpoint; starting a new run", flush=True)

@@ -1859,6 +1859,7 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     print(f"{run_dir}: {rom}, {num_actions} actions, {sum(p.numel() for p in q_network.parameters()):,} parameters, "
           f"device {device}, replay {capacity:,} transitions = {replay.nbytes(capacity) / 1e9:.2f} GB"
+          + (", --compile: the first updates and actions compile, a minute or more" if args.compile else "")
           + (f", resumed at agent step {global_step}" if checkpoint else ""), flush=True)
     if args.resume == "auto" and checkpoint is None:
         print("--resume auto: no unfinished run of this game, exp_name and seed has a checkpoint; starting a new run", flush=True)
