@@ -1,7 +1,8 @@
 """--compile changes speed, not results: the compiled and eager `update()` of a script's `build_agent` take the same
 parameters to the same values and `act()` picks the same actions on a fixed seed (CPU; inductor generates C++ here,
-Triton on a GPU); the compiled replay (sum tree, batch assembly) computes exactly what the eager one does. On a machine with
-CUDA the same comparison runs there too, with and without CUDA graphs (--compile-mode reduce-overhead)."""
+Triton on a GPU); the compiled replay (sum tree, batch assembly) computes exactly what the eager one does. On a
+machine with CUDA the same comparison runs there too, with and without CUDA graphs (--compile-mode reduce-overhead),
+and the GPU replay is checked against the CPU one."""
 
 import sys
 
@@ -28,8 +29,10 @@ def train(module, compile: bool, device: str = "cpu", mode: str = "default", upd
     fill_replay(agent.rb, 300, 6)
     initial = {k: v.detach().clone() for k, v in agent.q_network.state_dict().items()}
     losses = [agent.update()[0] for _ in range(updates)]
-    greedy = agent.act(agent.rb.stack_frames(torch.arange(10, 18), torch.zeros(8, dtype=torch.long)).to(device))
-    return torch.cat([torch.stack(losses), greedy.float()]), initial, {k: v.detach().clone() for k, v in agent.q_network.state_dict().items()}
+    slots, envs = torch.arange(10, 18, device=device), torch.zeros(8, dtype=torch.long, device=device)
+    greedy = agent.act(agent.rb.stack_frames(slots, envs))
+    final = {k: v.detach().clone() for k, v in agent.q_network.state_dict().items()}
+    return torch.cat([torch.stack(losses), greedy.float()]), initial, final
 
 
 # full Rainbow: the most the compiled step holds (C51, noisy nets drawing noise inside it, importance weights from
