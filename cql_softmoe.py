@@ -1307,13 +1307,28 @@ def expected_q(log_probs: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
     return (log_probs.exp() * support).sum(-1)
 
 
+def share_noise(networks, share: bool) -> None:
+    """While `share`, each noisy layer uses one noise draw for the whole batch, and layer k of every network (copies of
+    one architecture) the same draw: Dopamine's `target_output` gives both networks one key for the batch."""
+    layers = [[m for m in net.modules() if hasattr(m, "draw_shared_noise")] for net in networks]
+    for group in zip(*layers, strict=True):
+        noise = group[0].draw_shared_noise() if share else None
+        for layer in group:
+            layer.shared_noise = noise
+
+
 def c51_target(online, target, next_states, returns, discounts, support, double_q=True) -> torch.Tensor:
     """Target distributions (B, N) for n-step transitions: the target network's distribution at the next action,
     moved to returns + discounts * z (discounts = gamma^steps, 0 after a terminal) and projected on the support.
-    The next action is the argmax of the online network's Q with double-Q, of the target network's without."""
+    The next action is the argmax of the online network's Q with double-Q, of the target network's without.
+    Noisy nets: one draw for the batch, the same in both networks (`share_noise`), as Dopamine."""
     with torch.no_grad():
-        target_log_probs = target(next_states)  # (B, A, N)
-        chooser = online(next_states) if double_q else target_log_probs
+        share_noise((online, target), True)
+        try:
+            target_log_probs = target(next_states)  # (B, A, N)
+            chooser = online(next_states) if double_q else target_log_probs
+        finally:
+            share_noise((online, target), False)
         next_actions = expected_q(chooser, support).argmax(1)
         index = next_actions[:, None, None].expand(-1, 1, support.shape[0])
         next_probs = target_log_probs.exp().gather(1, index).squeeze(1)  # (B, N)

@@ -430,8 +430,9 @@ class NoisyLinear(nn.Module):
     """Factorised Gaussian noisy dense layer (Fortunato et al. 2018) with Dopamine's NoisyNetwork init (SPEC §4):
     mu ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) and sigma = 0.1/sqrt(fan_in), for the weight and the bias.
 
-    In training mode each sample draws its own noise (Dopamine vmaps the network with one key per sample), computed
-    without per-sample weights: y = x mu_W + mu_b + ((x f(e_in)) sigma_W + sigma_b) f(e_out). In eval mode: the means.
+    In training mode each sample draws its own noise (Dopamine vmaps the loss with one key per sample), computed
+    without per-sample weights: y = x mu_W + mu_b + ((x f(e_in)) sigma_W + sigma_b) f(e_out). While `shared_noise`
+    holds a draw (`share_noise`, for the C51 target) every sample uses it. In eval mode: the means.
     """
 
     def __init__(self, in_features: int, out_features: int):
@@ -441,20 +442,30 @@ class NoisyLinear(nn.Module):
         self.weight_sigma = nn.Parameter(torch.full((out_features, in_features), 0.1 * bound))
         self.bias_mu = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound))
         self.bias_sigma = nn.Parameter(torch.full((out_features,), 0.1 * bound))
+        self.shared_noise = None  # (f(e_in), f(e_out)) for the whole batch while `share_noise` is on
+
+    def draw_shared_noise(self) -> tuple[torch.Tensor, torch.Tensor]:
+        out_features, in_features = self.weight_mu.shape
+        like = dict(device=self.weight_mu.device, dtype=self.weight_mu.dtype)
+        return scaled_noise(1, in_features, **like), scaled_noise(1, out_features, **like)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight_mu, self.bias_mu)
         if not self.training:
             return y
-        eps_in = scaled_noise(x.shape[0], x.shape[1], device=x.device, dtype=x.dtype)  # (B, in)
-        eps_out = scaled_noise(x.shape[0], y.shape[1], device=x.device, dtype=x.dtype)  # (B, out)
+        if self.shared_noise is None:
+            eps_in = scaled_noise(x.shape[0], x.shape[1], device=x.device, dtype=x.dtype)  # (B, in)
+            eps_out = scaled_noise(x.shape[0], y.shape[1], device=x.device, dtype=x.dtype)  # (B, out)
+        else:
+            eps_in, eps_out = self.shared_noise  # (1, in), (1, out)
         return y + F.linear(x * eps_in, self.weight_sigma, self.bias_sigma) * eps_out
 
 
 class NoisyGroupedLinear(nn.Module):
     """`groups` independent noisy dense layers on (B, groups, ..., in), initialised as `NoisyLinear`.
 
-    Noise is drawn per (sample, group) and shared over the middle axes (an expert's slots see the same noise).
+    Noise is drawn per sample and shared by the groups and the middle axes: Dopamine gives every expert (and each of
+    its slots) the same key, `ExpertModel.rng_key`. `shared_noise` as in `NoisyLinear`.
     """
 
     def __init__(self, groups: int, in_features: int, out_features: int):
@@ -464,21 +475,30 @@ class NoisyGroupedLinear(nn.Module):
         self.weight_sigma = nn.Parameter(torch.full((groups, in_features, out_features), 0.1 * bound))
         self.bias_mu = nn.Parameter(torch.empty(groups, out_features).uniform_(-bound, bound))
         self.bias_sigma = nn.Parameter(torch.full((groups, out_features), 0.1 * bound))
+        self.shared_noise = None
+
+    def draw_shared_noise(self) -> tuple[torch.Tensor, torch.Tensor]:
+        _, in_features, out_features = self.weight_mu.shape
+        like = dict(device=self.weight_mu.device, dtype=self.weight_mu.dtype)
+        return scaled_noise(1, 1, 1, in_features, **like), scaled_noise(1, 1, 1, out_features, **like)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(shape[0], shape[1], -1, shape[-1])  # (B, g, ..., in) -> (B, g, P, in)
         y = torch.einsum("bgpi,gio->bgpo", x, self.weight_mu) + self.bias_mu[:, None]
         if self.training:
-            eps_in = scaled_noise(shape[0], shape[1], 1, x.shape[-1], device=x.device, dtype=x.dtype)
-            eps_out = scaled_noise(shape[0], shape[1], 1, y.shape[-1], device=x.device, dtype=x.dtype)
+            if self.shared_noise is None:  # (B, 1, 1, in), (B, 1, 1, out)
+                eps_in = scaled_noise(shape[0], 1, 1, x.shape[-1], device=x.device, dtype=x.dtype)
+                eps_out = scaled_noise(shape[0], 1, 1, y.shape[-1], device=x.device, dtype=x.dtype)
+            else:
+                eps_in, eps_out = self.shared_noise
             y = y + (torch.einsum("bgpi,gio->bgpo", x * eps_in, self.weight_sigma) + self.bias_sigma[:, None]) * eps_out
         return y.reshape(*shape[:-1], -1)
 
 
 class NoisyExperts(nn.Module):
-    """`Experts` whose first layer is noisy (Rainbow with an MoE, SPEC §4): noise per sample and expert, shared by the
-    expert's slots; the second layer is the plain Glorot-uniform batched linear of `Experts`.
+    """`Experts` whose first layer is noisy (Rainbow with an MoE, SPEC §4): noise per sample, the same for every expert
+    and slot (as Dopamine); the second layer is the plain Glorot-uniform batched linear of `Experts`.
 
     Input (B, n, p, d). Returns the outputs and the hidden activations.
     """
@@ -1645,13 +1665,28 @@ def expected_q(log_probs: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
     return (log_probs.exp() * support).sum(-1)
 
 
+def share_noise(networks, share: bool) -> None:
+    """While `share`, each noisy layer uses one noise draw for the whole batch, and layer k of every network (copies of
+    one architecture) the same draw: Dopamine's `target_output` gives both networks one key for the batch."""
+    layers = [[m for m in net.modules() if hasattr(m, "draw_shared_noise")] for net in networks]
+    for group in zip(*layers, strict=True):
+        noise = group[0].draw_shared_noise() if share else None
+        for layer in group:
+            layer.shared_noise = noise
+
+
 def c51_target(online, target, next_states, returns, discounts, support, double_q=True) -> torch.Tensor:
     """Target distributions (B, N) for n-step transitions: the target network's distribution at the next action,
     moved to returns + discounts * z (discounts = gamma^steps, 0 after a terminal) and projected on the support.
-    The next action is the argmax of the online network's Q with double-Q, of the target network's without."""
+    The next action is the argmax of the online network's Q with double-Q, of the target network's without.
+    Noisy nets: one draw for the batch, the same in both networks (`share_noise`), as Dopamine."""
     with torch.no_grad():
-        target_log_probs = target(next_states)  # (B, A, N)
-        chooser = online(next_states) if double_q else target_log_probs
+        share_noise((online, target), True)
+        try:
+            target_log_probs = target(next_states)  # (B, A, N)
+            chooser = online(next_states) if double_q else target_log_probs
+        finally:
+            share_noise((online, target), False)
         next_actions = expected_q(chooser, support).argmax(1)
         index = next_actions[:, None, None].expand(-1, 1, support.shape[0])
         next_probs = target_log_probs.exp().gather(1, index).squeeze(1)  # (B, N)

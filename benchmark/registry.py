@@ -412,7 +412,10 @@ def fig11() -> Experiment:
     return Experiment("fig11", "Figures 11 and 17: offline RL",
                       "CQL and CQL+C51 on the DQN Replay Dataset, 200 iterations of 62,500 gradient steps; baseline, "
                       "Top1-MoE and Soft MoE with 8 experts; 5% of the data (Figure 11), 10% and 50% for CQL+C51 "
-                      "(Figure 17); 17 games (our labelled choice, see registry.OFFLINE17), 5 seeds.",
+                      "(Figure 17); 17 games (our labelled choice, see registry.OFFLINE17), 5 seeds. 5% and 10% are "
+                      "loaded once (Table 3's fixed replay of 2.5M transitions); 50% (25M, 177 GB) reloads 5 random "
+                      "checkpoints' share every iteration, as the reference's loader, so Figure 17's 10% and 50% also "
+                      "differ in how the data is sampled.",
                       tuple(variants), tuple(panels))
 
 

@@ -260,16 +260,30 @@ def test_noisy_linear_output_variance_is_factorised(rainbow):
     torch.testing.assert_close(samples.var(0), expected.detach(), rtol=0.05, atol=0)
 
 
-def test_noisy_experts_noise_per_sample_and_expert_shared_by_slots(rainbow):
+def test_noisy_experts_noise_per_sample_shared_by_experts_and_slots(rainbow):
+    """Dopamine's experts all hold one key (`ExpertModel.rng_key`): within a sample every expert and slot draws the
+    same f(e_in), f(e_out); samples draw their own."""
     torch.manual_seed(0)
     experts = rainbow.NoisyExperts(3, 5, 7)
     bound = 1 / math.sqrt(5)
     assert torch.all(experts.layer1.weight_sigma == 0.1 * bound) and experts.layer1.weight_sigma.shape == (3, 5, 7)
-    slot = torch.randn(1, 1, 1, 5)
-    x = slot.expand(2, 3, 4, 5)  # 2 identical samples, every expert's 4 slots identical
+    experts.double()
+    with torch.no_grad():
+        experts.layer1.weight_sigma.uniform_(0.1, 1.0)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    x[1] = x[0]  # 2 identical samples
+    torch.manual_seed(7)
     y, hidden = experts(x)
-    assert torch.allclose(y[:, :, 0], y[:, :, 3])  # an expert's slots share its noise
-    assert not torch.allclose(y[0], y[1])  # samples do not
+    assert not torch.allclose(y[0], y[1])  # samples draw their own noise
+    torch.manual_seed(7)
+    f = lambda e: e.sign() * e.abs().sqrt()
+    eps_in, eps_out = f(torch.randn(2, 1, 1, 5, dtype=torch.float64)), f(torch.randn(2, 1, 1, 7, dtype=torch.float64))
+    layer = experts.layer1
+    for b in range(2):
+        for e in range(3):  # expert e's factorised weight with the sample's one noise draw
+            weight = layer.weight_mu[e] + layer.weight_sigma[e] * torch.outer(eps_in[b, 0, 0], eps_out[b, 0, 0])
+            bias = layer.bias_mu[e] + layer.bias_sigma[e] * eps_out[b, 0, 0]
+            torch.testing.assert_close(hidden[b, e], torch.relu(x[b, e] @ weight + bias))
     experts.eval()
     y, hidden = experts(x)
     for e in range(3):  # noise off: the means through `Experts`' computation
@@ -355,6 +369,41 @@ def test_c51_target_uses_the_online_network_for_double_q(rainbow):
         want = brute_force_projection((returns[:, None] + discounts[:, None] * support).tolist(), probs.tolist(),
                                       support.tolist())
         torch.testing.assert_close(got, want.float())
+
+
+@pytest.mark.parametrize("flags", [dict(moe_type="baseline"), dict(), dict(expert_variant="big")])
+def test_c51_target_draws_one_noise_for_the_batch_and_both_networks(rainbow, flags):
+    """Dopamine's target_output vmaps the batch with one key, given to the target and the online network alike."""
+    torch.manual_seed(3)
+    args = tiny_args(rainbow, **flags)
+    online, target = rainbow.QNetwork(args, 6), rainbow.QNetwork(args, 6)  # training mode: noise on
+    target.load_state_dict(online.state_dict())
+    next_states = torch.randint(0, 255, (1, 4, 84, 84), dtype=torch.uint8).expand(5, -1, -1, -1)  # 5 equal samples
+    returns, discounts = torch.zeros(5), torch.full((5,), 0.99**3)
+    support = online.support
+    got = rainbow.c51_target(online, target, next_states, returns, discounts, support)
+    torch.testing.assert_close(got, got[:1].expand(5, -1))  # one draw for the batch (per sample: ~1e-2 apart)
+    assert all(m.shared_noise is None for net in (online, target) for m in net.modules() if hasattr(m, "shared_noise"))
+    assert not torch.allclose(online(next_states)[0], online(next_states)[1])  # outside the target: per sample
+    # the same draw in both networks: with equal parameters the online network picks the target network's argmax
+    rainbow.share_noise((online, target), True)
+    torch.testing.assert_close(online(next_states), target(next_states))
+    shared = target(next_states)
+    rainbow.share_noise((online, target), False)
+    actions = rainbow.expected_q(shared, support).argmax(1)
+    probs = shared.exp()[torch.arange(5), actions]
+    want = rainbow.project_distribution(returns[:, None] + discounts[:, None] * support, probs, support)
+    assert not torch.allclose(got, want)  # a fresh draw: another distribution than this one
+    torch.manual_seed(11)
+    got = rainbow.c51_target(online, target, next_states, returns, discounts, support)
+    torch.manual_seed(11)
+    rainbow.share_noise((online, target), True)
+    shared = target(next_states)
+    rainbow.share_noise((online, target), False)
+    actions = rainbow.expected_q(shared, support).argmax(1)
+    want = rainbow.project_distribution(returns[:, None] + discounts[:, None] * support,
+                                        shared.exp()[torch.arange(5), actions], support)
+    torch.testing.assert_close(got, want)
 
 
 def test_rainbow_loss_is_weighted_cross_entropy(rainbow):
