@@ -154,6 +154,13 @@ def test_checkpoints_keep_the_newest_k_and_hold_everything(checkpointed_run):
         assert key in state
     assert state["replay"]["t"] == 400 and state["replay"]["frames"].shape == (400, 1, 84, 84)
     assert len(state["envs"]["actions"]) == 1
+    # --replay-ratio 0.25 once the replay holds more than --learning-starts 300 steps: steps 302-400 (99 steps of
+    # credit 0.25) make 24 Adam steps; --target-network-frequency 200: the target is synced after step 400's updates
+    assert int(state["optimizer"]["state"][0]["step"]) == 24
+    assert all(torch.equal(state["target_network"][k], state["q_network"][k]) for k in state["q_network"])
+    first = torch.load(paths[0], weights_only=True)  # step 300: no update yet, so the synced target is not the start
+    assert not first["optimizer"]["state"]
+    assert not all(torch.equal(first["q_network"][k], state["q_network"][k]) for k in state["q_network"])
 
 
 def test_save_checkpoint_is_atomic(dqn, tmp_path):

@@ -1,0 +1,93 @@
+"""Flags reach what they configure. The unit tests call losses and replays with explicit values; these check that
+`build_agent` hands each script's Args to them: Adam's learning rate and epsilon, the replay's n-step and discount,
+and the weights of the loss terms in the gradient step (a flag accepted but ignored would pass everything else)."""
+
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, SCRIPTS, load_script
+
+sys.path.insert(0, ROOT)
+from benchmark.speed import fill_replay  # noqa: E402
+
+
+def agent_of(module, num_actions=4, **flags):
+    torch.manual_seed(0)
+    if module.__name__ == "cql_softmoe":  # no --buffer-size (the dataset sets it); None flags take --agent's values
+        args = module.with_agent_defaults(module.Args(encoder="nature", num_experts=2, expert_hidden=16, batch_size=8,
+                                                      **flags))
+        agent = module.build_agent(args, num_actions, torch.device("cpu"), 400)
+        fill_replay(agent.rb, 300, num_actions)
+        agent.rb.starts = torch.arange(3, 250)  # FixedReplay samples from the starts load_dataset allows
+    else:
+        args = module.Args(encoder="nature", num_experts=2, expert_hidden=16, batch_size=8, buffer_size=400, **flags)
+        agent = module.build_agent(args, num_actions, torch.device("cpu"))
+        fill_replay(agent.rb, 300, num_actions)
+    return args, agent
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_optimizer_and_replay_take_their_flags(script):
+    module = load_script(script)
+    _, agent = agent_of(module, learning_rate=3e-4, adam_eps=2e-3, n_step=5, gamma=0.5)
+    group = agent.optimizer.param_groups[0]
+    assert (group["lr"], group["eps"], group["betas"]) == (3e-4, 2e-3, (0.9, 0.999))
+    assert agent.rb.n_step == 5 and agent.rb.gamma == 0.5
+    torch.testing.assert_close(agent.rb.discounts, 0.5 ** torch.arange(6, dtype=torch.float32))
+    assert {id(p) for p in group["params"]} == {id(p) for p in agent.q_network.parameters()}  # the online network's
+
+
+def step_gradients(module, agent, args):
+    """Runs agent.update(). Returns its gradients (Adam's step leaves them in .grad) and `reference(weighted_loss)`:
+    the gradients of weighted_loss(q, target, batch) on the same batch, parameters and random draws (the replay's
+    generator, torch's RNG)."""
+    q_state = {k: v.clone() for k, v in agent.q_network.state_dict().items()}
+    target_state = {k: v.clone() for k, v in agent.target_network.state_dict().items()}
+    replay_state, torch_state = agent.rb.generator.get_state(), torch.get_rng_state()
+    agent.update()
+    got = [p.grad.clone() for p in agent.q_network.parameters()]
+
+    def reference(weighted_loss):
+        q, target = module.QNetwork(args, 4), module.QNetwork(args, 4)
+        q.load_state_dict(q_state)
+        target.load_state_dict(target_state)
+        agent.rb.generator.set_state(replay_state)
+        torch.set_rng_state(torch_state)
+        weighted_loss(q, target, agent.rb.sample(args.batch_size)).backward()
+        return [p.grad for p in q.parameters()]
+
+    return got, reference
+
+
+def same(a, b):
+    return all(torch.allclose(x, y, rtol=1e-5, atol=1e-7) for x, y in zip(a, b, strict=True))
+
+
+def test_dqn_step_uses_the_loss_and_the_load_balancing_weight(dqn):
+    args, agent = agent_of(dqn, moe_type="top1", loss="huber", load_balancing_coef=0.5)
+
+    def loss(q, target, batch, kind="huber", coef=0.5):
+        td, aux, _ = dqn.dqn_loss(q, target, batch, kind)
+        return td + coef * aux
+
+    got, reference = step_gradients(dqn, agent, args)
+    assert same(got, reference(loss))
+    for wrong in (dict(kind="mse"), dict(coef=0.0)):  # either flag ignored would give these gradients
+        assert not same(got, reference(lambda q, t, b: loss(q, t, b, **wrong))), wrong
+
+
+@pytest.mark.parametrize("agent_type", ["cql", "cql-c51"])
+def test_cql_step_weighs_the_cql_term_by_alpha(agent_type):
+    cql = load_script("cql_softmoe")
+    args, agent = agent_of(cql, agent=agent_type, moe_type="top1", cql_alpha=2.0, load_balancing_coef=0.5)
+
+    def loss(q, target, batch, alpha=2.0, coef=0.5):
+        td, conservative, aux, _ = cql.offline_losses(q, target, batch, args)
+        return td + alpha * conservative + coef * aux
+
+    got, reference = step_gradients(cql, agent, args)
+    assert same(got, reference(loss))
+    for wrong in (dict(alpha=0.1), dict(coef=0.0)):  # either flag ignored would give these gradients
+        assert not same(got, reference(lambda q, t, b: loss(q, t, b, **wrong))), wrong
