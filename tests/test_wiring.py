@@ -2,6 +2,7 @@
 `build_agent` hands each script's Args to them: Adam's learning rate and epsilon, the replay's n-step and discount,
 and the weights of the loss terms in the gradient step (a flag accepted but ignored would pass everything else)."""
 
+import copy
 import sys
 
 import pytest
@@ -41,21 +42,23 @@ def test_optimizer_and_replay_take_their_flags(script):
 
 def step_gradients(module, agent, args):
     """Runs agent.update(). Returns its gradients (Adam's step leaves them in .grad) and `reference(weighted_loss)`:
-    the gradients of weighted_loss(q, target, batch) on the same batch, parameters and random draws (the replay's
-    generator, torch's RNG)."""
-    q_state = {k: v.clone() for k, v in agent.q_network.state_dict().items()}
-    target_state = {k: v.clone() for k, v in agent.target_network.state_dict().items()}
-    replay_state, torch_state = agent.rb.generator.get_state(), torch.get_rng_state()
+    the gradients of weighted_loss(q, target) from the same parameters, replay (contents, priorities, generator) and
+    torch RNG state; weighted_loss samples its batch from agent.rb itself."""
+    q_state = copy.deepcopy(agent.q_network.state_dict())
+    target_state = None if agent.target_network is None else copy.deepcopy(agent.target_network.state_dict())
+    replay_state, torch_state = copy.deepcopy(agent.rb.state_dict()), torch.get_rng_state()
     agent.update()
     got = [p.grad.clone() for p in agent.q_network.parameters()]
 
     def reference(weighted_loss):
-        q, target = module.QNetwork(args, 4), module.QNetwork(args, 4)
+        q, target = module.QNetwork(args, 4), None
         q.load_state_dict(q_state)
-        target.load_state_dict(target_state)
-        agent.rb.generator.set_state(replay_state)
+        if target_state is not None:
+            target = module.QNetwork(args, 4)
+            target.load_state_dict(target_state)
+        agent.rb.load_state_dict(copy.deepcopy(replay_state))
         torch.set_rng_state(torch_state)
-        weighted_loss(q, target, agent.rb.sample(args.batch_size)).backward()
+        weighted_loss(q, target).backward()
         return [p.grad for p in q.parameters()]
 
     return got, reference
@@ -68,14 +71,14 @@ def same(a, b):
 def test_dqn_step_uses_the_loss_and_the_load_balancing_weight(dqn):
     args, agent = agent_of(dqn, moe_type="top1", loss="huber", load_balancing_coef=0.5)
 
-    def loss(q, target, batch, kind="huber", coef=0.5):
-        td, aux, _ = dqn.dqn_loss(q, target, batch, kind)
+    def loss(q, target, kind="huber", coef=0.5):
+        td, aux, _ = dqn.dqn_loss(q, target, agent.rb.sample(args.batch_size), kind)
         return td + coef * aux
 
     got, reference = step_gradients(dqn, agent, args)
     assert same(got, reference(loss))
     for wrong in (dict(kind="mse"), dict(coef=0.0)):  # either flag ignored would give these gradients
-        assert not same(got, reference(lambda q, t, b: loss(q, t, b, **wrong))), wrong
+        assert not same(got, reference(lambda q, t: loss(q, t, **wrong))), wrong
 
 
 @pytest.mark.parametrize("agent_type", ["cql", "cql-c51"])
@@ -83,11 +86,47 @@ def test_cql_step_weighs_the_cql_term_by_alpha(agent_type):
     cql = load_script("cql_softmoe")
     args, agent = agent_of(cql, agent=agent_type, moe_type="top1", cql_alpha=2.0, load_balancing_coef=0.5)
 
-    def loss(q, target, batch, alpha=2.0, coef=0.5):
-        td, conservative, aux, _ = cql.offline_losses(q, target, batch, args)
+    def loss(q, target, alpha=2.0, coef=0.5):
+        td, conservative, aux, _ = cql.offline_losses(q, target, agent.rb.sample(args.batch_size), args)
         return td + alpha * conservative + coef * aux
 
     got, reference = step_gradients(cql, agent, args)
     assert same(got, reference(loss))
     for wrong in (dict(alpha=0.1), dict(coef=0.0)):  # either flag ignored would give these gradients
-        assert not same(got, reference(lambda q, t, b: loss(q, t, b, **wrong))), wrong
+        assert not same(got, reference(lambda q, t: loss(q, t, **wrong))), wrong
+
+
+@pytest.mark.parametrize("script", ["rainbow_softmoe", "der_softmoe"])
+def test_rainbow_step_weighs_samples_by_priority_and_the_load_balancing_loss(script):
+    """--prioritized: the cross-entropy of each sample weighted by its importance weight from the sum tree (uniform
+    weights without it); --load-balancing-coef weighs Top1's auxiliary loss."""
+    module = load_script(script)
+    args, agent = agent_of(module, moe_type="top1", load_balancing_coef=0.5)
+    rb = agent.rb
+    slots = torch.arange(3, 290)
+    rb.update_priorities(slots, torch.zeros_like(slots), torch.rand(len(slots)) * 4)  # unequal priorities
+
+    def loss(q, target, prioritized=True, coef=0.5):
+        idx, envs = rb.sample_indices(args.batch_size)
+        weights = rb.importance_weights(idx, envs) if prioritized else torch.ones(args.batch_size)
+        assert not prioritized or weights.min() < 1.0  # the weights differ, else this test could not see them
+        ce, _, aux, _ = module.rainbow_loss(q, target, rb.gather(idx, envs), args, weights)
+        return ce + coef * aux
+
+    got, reference = step_gradients(module, agent, args)
+    assert same(got, reference(loss))
+    for wrong in (dict(prioritized=False), dict(coef=0.0)):
+        assert not same(got, reference(lambda q, t: loss(q, t, **wrong))), wrong
+
+
+def test_drq_step_uses_the_load_balancing_weight():
+    drq = load_script("drq_softmoe")
+    args, agent = agent_of(drq, moe_type="top1", load_balancing_coef=0.5)
+
+    def loss(q, target, coef=0.5):
+        td, aux, _ = drq.drq_loss(q, agent.rb.sample(args.batch_size), args)
+        return td + coef * aux
+
+    got, reference = step_gradients(drq, agent, args)
+    assert same(got, reference(loss))
+    assert not same(got, reference(lambda q, t: loss(q, t, coef=0.0)))
