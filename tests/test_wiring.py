@@ -130,3 +130,34 @@ def test_drq_step_uses_the_load_balancing_weight():
     got, reference = step_gradients(drq, agent, args)
     assert same(got, reference(loss))
     assert not same(got, reference(lambda q, t: loss(q, t, coef=0.0)))
+
+
+@pytest.mark.parametrize("variant", ["regular", "big", "all"])
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_phi_flags_reach_every_soft_moe_of_the_network(script, variant):
+    """--moe-l2-norm (Figure 13) and --random-phi (Figure 8) set every Soft MoE of the network the flags build,
+    whichever the expert variant: a learned scale per MoE with l2 normalisation, no Phi at all when it is random."""
+    module = load_script(script)
+    args = dict(encoder="nature", num_experts=2, expert_hidden=16, expert_variant=variant)
+    torch.manual_seed(0)
+    plain, normed, random = (module.QNetwork(module.Args(**args, **flags), 4)
+                             for flags in ({}, dict(moe_l2_norm=True), dict(random_phi=True)))
+    moes = lambda net: [m for m in net.modules() if hasattr(m, "random_phi")]  # SoftMoE, PerSampSoftMoE
+    count = lambda net: sum(p.numel() for p in net.parameters())
+    assert moes(plain) and all(not m.l2_norm and not m.random_phi and hasattr(m, "phi") for m in moes(plain))
+    assert len(moes(normed)) == len(moes(random)) == len(moes(plain))
+    assert all(m.l2_norm and m.scale.requires_grad for m in moes(normed))
+    assert count(normed) == count(plain) + len(moes(plain))
+    assert all(m.random_phi and not hasattr(m, "phi") for m in moes(random))
+    assert count(random) == count(plain) - sum(m.phi.numel() for m in moes(plain))
+    frames = torch.randint(0, 255, (8, 4, 84, 84), dtype=torch.uint8)
+    random.eval()  # no noisy-net noise: only Phi is drawn
+    # `big` routes whole frames: its logits saturate, each draw picks one expert per sample; 8 samples x 3 draws
+    first = random(frames)  # all picking alike would be a chance of 2^-16
+    assert any(not torch.allclose(random(frames), first) for _ in range(2))
+    normed.eval()
+    before = normed(frames)
+    with torch.no_grad():
+        for m in moes(normed):
+            m.scale.fill_(3.0)
+    assert not torch.allclose(normed(frames), before)  # the scale is used
