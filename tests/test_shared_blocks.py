@@ -109,6 +109,9 @@ def test_a_checkpoint_of_the_other_device_resumes(script):
     module.restore_generator(a, cuda_state)
     module.restore_generator(b, cuda_state)
     assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))  # a new stream, the same every time
+    module.restore_generator(b, cuda_state.flip(0))
+    module.restore_generator(a, cuda_state)
+    assert not torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))  # and it follows the saved state
     c = torch.Generator().manual_seed(5)
     saved = c.get_state()
     expected = torch.rand(3, generator=c)
