@@ -510,3 +510,47 @@ def test_unwritable_save_replay_fails_before_training(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "cannot write --save-replay" in result.stderr
     assert not (tmp_path / "runs").exists()  # refused before the run directory is created
+
+
+class Fire(torch.nn.Module):
+    """Q-values that always prefer FIRE (action 1 of Breakout's minimal set): the paddle never moves, games end fast."""
+
+    def q_values(self, x):
+        return torch.tensor([0.0, 1.0, 0.0, 0.0]).expand(x.shape[0], -1)
+
+    forward = q_values  # dqn_softmoe's evaluate calls the network itself
+
+
+def recorded_actions(module, monkeypatch):
+    """Every action array handed to the vector envs that `module.make_env` builds from now on."""
+    taken, make_env = [], module.make_env
+
+    def recording(*args, **kwargs):
+        envs = make_env(*args, **kwargs)
+        step = envs.step
+        envs.step = lambda actions: (taken.append(np.array(actions)), step(actions))[1]
+        return envs
+
+    monkeypatch.setattr(module, "make_env", recording)
+    return taken
+
+
+@pytest.mark.parametrize("script", ["drq_softmoe", "dqn_softmoe"])
+@pytest.mark.parametrize("epsilon", [0.0, 0.5])
+def test_evaluation_acts_epsilon_greedy(script, epsilon, monkeypatch):
+    """--eval-epsilon: with probability epsilon a uniform action, else the greedy one (FIRE): FIRE's share of the
+    played steps is 1 - epsilon + epsilon / 4 (the atari100k evaluation of DER/DrQ and the Dopamine one of DQN)."""
+    module = load_script(script)
+    taken = recorded_actions(module, monkeypatch)
+    if script == "dqn_softmoe":  # its games all play on (and act) until the last one ends
+        module.evaluate(Fire(), "breakout", "dopamine", 4, epsilon, "cpu", 0)
+        played = np.stack(taken).ravel()
+    else:  # game g acts in its first lengths[g] steps
+        _, lengths = module.evaluate(Fire(), "breakout", 4, epsilon, torch.device("cpu"), 0)
+        played = np.concatenate([np.stack(taken)[:n, g] for g, n in enumerate(lengths)])
+    share = (played == 1).mean()
+    assert len(played) > 400, len(played)
+    if epsilon == 0:
+        assert share == 1.0
+    else:  # 600-800 played steps (seeded): a standard deviation of about 0.02
+        assert abs(share - (1 - epsilon + epsilon / 4)) < 0.06, share
