@@ -22,6 +22,7 @@ import re
 import resource
 import signal
 import sys
+import tempfile
 import time
 import types
 import zlib
@@ -1723,12 +1724,14 @@ def prepare(args: Args):
         while os.path.exists(os.path.join(args.runs_dir, f"{prefix}{stamp}")):
             stamp += 1
         run_dir = os.path.join(args.runs_dir, f"{prefix}{stamp}")
-    if args.save_replay:  # found out now, not after hours of training, and before the run directory exists
+    if args.save_replay:  # found out now, not after hours of training; creates nothing (the run directory may fail)
+        existing = os.path.abspath(args.save_replay)
+        while not os.path.exists(existing):  # its nearest existing ancestor must take a file
+            existing = os.path.dirname(existing)
         try:
-            os.makedirs(args.save_replay, exist_ok=True)
-            with open(os.path.join(args.save_replay, ".write_test"), "w"):
-                pass
-            os.remove(os.path.join(args.save_replay, ".write_test"))
+            if not os.path.isdir(existing):
+                raise NotADirectoryError(20, "not a directory", existing)
+            tempfile.TemporaryFile(dir=existing).close()
         except OSError as error:
             raise ValueError(f"cannot write --save-replay {args.save_replay} ({error.strerror}); choose a writable directory")
     try:

@@ -510,6 +510,11 @@ def test_unwritable_save_replay_fails_before_training(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "cannot write --save-replay" in result.stderr
     assert not (tmp_path / "runs").exists()  # refused before the run directory is created
+    # the other way round: an unwritable run directory leaves no --save-replay directory behind (exit 2's promise)
+    result = run_script("drq_softmoe", "--runs-dir", str(blocker / "runs"), "--save-replay", str(tmp_path / "data"),
+                        timeout=120)
+    assert result.returncode == 2 and "cannot write the run directory" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
 class Fire(torch.nn.Module):
