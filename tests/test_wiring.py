@@ -161,3 +161,15 @@ def test_phi_flags_reach_every_soft_moe_of_the_network(script, variant):
         for m in moes(normed):
             m.scale.fill_(3.0)
     assert not torch.allclose(normed(frames), before)  # the scale is used
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_encoder_flags_reach_the_network(script):
+    """--encoder-scale widens the Impala encoder's channels (16, 32, 32) and so the tokens the MoE sees;
+    --impala-filter-size (Figure 18) sets its convolutions' filters."""
+    module = load_script(script)
+    net = module.QNetwork(module.Args(encoder_scale=2, impala_filter_size=4, num_experts=2, expert_hidden=16), 4)
+    convs = [m for m in net.encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs[0].out_channels == 32 and convs[-1].out_channels == 64
+    assert all(c.kernel_size == (4, 4) for c in convs)
+    assert net.moe.phi.shape == (64, 2 * 61)  # token dim 32 x 2; 121 tokens, 61 slots per expert
