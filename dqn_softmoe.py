@@ -10,6 +10,7 @@ ICML 2024: the DQN curves of Figures 1, 4, 7, 9, 13 and 18, on the Dopamine prot
 
 import collections
 import concurrent.futures
+import copy
 import difflib
 import glob
 import gzip
@@ -55,6 +56,8 @@ class Args:
     """with --compile: reduce-overhead captures the step in CUDA graphs and replays it (GPU only; not yet measured)"""
     tf32: bool = False
     """on an NVIDIA GPU (Ampere or newer): TF32 matmuls and convolutions, faster, 10-bit mantissa (off: exact float32)"""
+    lagged_actor: bool = False
+    """act with a copy of the network refreshed before each round of updates, on a CUDA stream of its own: learning hides behind acting (not the paper's: actions lag one round)"""
     runs_dir: str = "runs"
     """directory under which `{game}__{exp_name}__{seed}__{time}` run directories are created"""
 
@@ -554,6 +557,68 @@ class QNetwork(nn.Module):
             info["features"] = features
             return q, info
         return q
+
+
+# === shared: Actor ===
+class Actor:
+    """The agent's actions for a batch of observations (uint8 (N, 4, 84, 84) numpy): one host synchronisation per call.
+
+    `policy(network, states)` returns the actions on the device. On a GPU the states go up and the actions come down
+    through page-locked memory. With `lagged` (--lagged-actor) the actor acts with its own copy of the network, which
+    `refresh()` updates just before each round of updates, on a CUDA stream of its own: acting never waits for the
+    updates in flight, so on a GPU they run while the emulators step. The cost: actions never use the latest round
+    (with one env and replay ratio 0.25, the parameters are 4 agent steps older; Dopamine acts with the newest).
+    """
+
+    def __init__(self, network: nn.Module, policy, lagged: bool = False):
+        self.source, self.policy, self.lagged = network, policy, lagged
+        self.network = copy.deepcopy(network).requires_grad_(False) if lagged else network
+        self.device = next(network.parameters()).device
+        self.stream = torch.cuda.Stream(self.device) if lagged and self.device.type == "cuda" else None
+        self.refreshed = None  # CUDA event: the last write of the actor's copy (made, refreshed, loaded) is done
+        self.written()
+
+    def refresh(self) -> None:
+        """Copy the network's parameters into the actor's (lagged only). On a GPU the copy is queued on the
+        learner's stream, after the round before, and the actor's next call waits for it, not for what follows."""
+        if not self.lagged:
+            return
+        with torch.no_grad():  # no wait for the actor's reads: each of its calls ends before it returns
+            torch._foreach_copy_([*self.network.parameters(), *self.network.buffers()],
+                                 [*self.source.parameters(), *self.source.buffers()])
+        self.written()
+
+    def written(self) -> None:
+        """The actor's stream waits for what the learner's stream queued so far: the copy it will read."""
+        if self.stream is not None:
+            self.refreshed = torch.cuda.Event()
+            self.refreshed.record(torch.cuda.current_stream(self.device))
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        states = torch.as_tensor(obs)
+        if self.device.type != "cuda":
+            with torch.no_grad():
+                return self.policy(self.network, states).numpy()
+        stream = self.stream or torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(stream), torch.no_grad():
+            if self.refreshed is not None:
+                stream.wait_event(self.refreshed)
+            actions = self.policy(self.network, states.pin_memory().to(self.device, non_blocking=True))
+            actions = actions.to("cpu", non_blocking=True)  # into page-locked memory: valid once `acted` is reached
+            acted = torch.cuda.Event()
+            acted.record(stream)
+        acted.synchronize()
+        return actions.numpy()
+
+    def state_dict(self) -> dict | None:
+        """What a checkpoint needs to resume exactly: the lagged copy (None when the actor uses the network itself)."""
+        return self.network.state_dict() if self.lagged else None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.lagged:
+            self.network.load_state_dict(state)
+            self.written()
+# === end shared ===
 
 
 # === shared: ReplayBuffer ===
@@ -1360,13 +1425,14 @@ def build_agent(args: Args, num_actions: int, device: torch.device) -> types.Sim
     def update():
         return train_step(*rb.sample(args.batch_size))
 
-    def act(obs: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return q_network(obs).argmax(1)
+    def policy(network: nn.Module, states: torch.Tensor) -> torch.Tensor:
+        return network(states).argmax(1)
+
+    act = Actor(q_network, policy, args.lagged_actor)
 
     if args.compile:  # sampling, batch assembly and acting: fused kernels instead of hundreds of small ones
         rb.compile()
-        act = torch.compile(act, dynamic=False)
+        act.policy = torch.compile(policy, dynamic=False)
 
     return types.SimpleNamespace(q_network=q_network, target_network=target_network, optimizer=optimizer, rb=rb,
                                  update=update, act=act)
@@ -1439,6 +1505,7 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
         obs, _ = envs.reset(seed=tracker.seeds())
     else:  # continue exactly where the checkpoint left off
         q_network.load_state_dict(checkpoint["q_network"])
+        agent.act.load_state_dict(checkpoint["actor"])
         target_network.load_state_dict(checkpoint["target_network"])
         load_optimizer(optimizer, checkpoint["optimizer"], device)
         if checkpoint["replay"] is not None:
@@ -1467,6 +1534,7 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
         return {
             "format": CHECKPOINT_FORMAT, "script": script, "args": vars(args), "global_step": global_step,
             "q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
+            "actor": agent.act.state_dict(),  # None unless --lagged-actor
             "optimizer": optimizer.state_dict(), "replay": rb.state_dict() if args.checkpoint_replay else None,
             "envs": tracker.state_dict(), "obs": torch.as_tensor(obs),
             "rng": {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state,
@@ -1507,7 +1575,7 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
         epsilon = args.start_e if global_step < args.learning_starts else epsilon
         actions = rng.integers(num_actions, size=args.num_envs)
         if epsilon < 1.0:
-            greedy = agent.act(torch.as_tensor(obs, device=device)).cpu().numpy()
+            greedy = agent.act(obs)
             actions = np.where(rng.random(args.num_envs) < epsilon, actions, greedy)
         tracker.send(envs, actions)  # the emulators step in ale-py's threads while the learner updates below
         previous_step, global_step = global_step, global_step + args.num_envs  # everything below is logged at this step
@@ -1516,6 +1584,8 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
         # transition in flight joins the replay after them: a one-step lag that lets learning overlap acting)
         if rb.t * args.num_envs > args.learning_starts and rb.can_sample():
             update_credit += args.replay_ratio * args.num_envs
+            if update_credit >= 1.0:
+                agent.act.refresh()  # --lagged-actor: the actor keeps the parameters from before this round
             while update_credit >= 1.0:
                 update_credit -= 1.0
                 td_loss, aux_loss, q_mean = agent.update()

@@ -5,16 +5,19 @@
 #   here, once:   ../shared/tools/device-wheels.sh                # fills .whl/ (ignored by git)
 #   on the GPU:   bash benchmark/gpu_session.sh [PHASE...]         # carry .whl; results go to $OUT
 #
-# PHASE (default: envs1 envs8 atari100k profile; estimated 7-9 minutes on an H100, never measured yet, so give the device
-# call timeout_s 600; then, if time is left, `compile` and `graphs` (each compiles 2-3 scripts: minutes) in other calls):
+# PHASE (default: envs1 lagged envs8 atari100k profile; estimated 8-9 minutes on an H100, never measured yet, so give the
+# device call timeout_s 600; then, if time is left, `compile` and `graphs` (each compiles 2-3 scripts: minutes) in other
+# calls):
 #   envs1     dqn/rainbow, Impala, baseline vs Soft MoE x8, 1 env (the paper's setting), eager
+#   lagged    the GPU cases of tests/test_actor.py (the lagged actor's own stream acts with its last refresh's
+#             parameters), then dqn/rainbow Soft MoE x8, 1 env, --lagged-actor (updates hidden behind acting)
 #   envs8     the same with --num-envs 8
 #   compile   the GPU cases of tests/test_compile.py (eager = compiled, with and without CUDA graphs; TF32 close to
 #             float32; the replay's asynchronous copies), then dqn/rainbow Soft MoE x8, 1 env, --compile, with launch
 #             counts per update, act and add (compile.md)
 #   graphs    dqn/rainbow Soft MoE x8, 1 env, --compile --compile-mode reduce-overhead (CUDA graphs, with launch counts;
 #             graphs.md), der the same with its 100k-run time (der-graphs.md), and dqn/rainbow with --tf32 too (tf32.md)
-#   atari100k der/drq, Impala, baseline vs Soft MoE x8, 1 env: the learning-bound rate gives a 100k run's time
+#   atari100k der/drq, Impala, Soft MoE x8 (the slower network), 1 env, plain and --lagged-actor: a 100k run's time
 #   profile   rainbow/der Soft MoE x8, Impala: 20 updates, acts and adds under torch.profiler (kernel launches per call)
 # Each phase writes $OUT/<phase>.md (benchmark/speed.py --out); the .json numbers are packed into $OUT/numbers.tar.gz
 # at the end (with machine.txt, at most 8 files for all phases: the device tool brings back 8); copy them to
@@ -23,11 +26,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 phases=("$@")
-[ ${#phases[@]} -eq 0 ] && phases=(envs1 envs8 atari100k profile)
+[ ${#phases[@]} -eq 0 ] && phases=(envs1 lagged envs8 atari100k profile)
 for p in "${phases[@]}"; do
   case $p in
-    envs1|envs8|compile|graphs|atari100k|profile) ;;
-    *) echo "gpu_session.sh: unknown phase '$p' (envs1, envs8, compile, graphs, atari100k, profile)"; exit 2 ;;
+    envs1|lagged|envs8|compile|graphs|atari100k|profile) ;;
+    *) echo "gpu_session.sh: unknown phase '$p' (envs1, lagged, envs8, compile, graphs, atari100k, profile)"; exit 2 ;;
   esac
 done
 OUT=${OUT:-gpu-results}
@@ -59,6 +62,9 @@ phase() {  # phase NAME [speed.py flags...]: one table, its log, and a line sayi
 for p in "${phases[@]}"; do
   case $p in
     envs1) phase envs1 --scripts dqn_softmoe rainbow_softmoe --moe-types baseline softmoe --num-envs 1 ;;
+    lagged)
+      python3 -m pytest -p no:cacheprovider -q tests/test_actor.py -k cuda 2>&1 | tail -3
+      phase lagged --scripts dqn_softmoe rainbow_softmoe --moe-types softmoe --num-envs 1 --lagged-actor ;;
     envs8) phase envs8 --scripts dqn_softmoe rainbow_softmoe --moe-types baseline softmoe --num-envs 8 ;;
     compile)  # compiled = eager on the GPU (CUDA graphs too; the GPU cases only), then the compiled speed
       python3 -m pytest -p no:cacheprovider -q tests/test_compile.py -k "cuda or gpu or tf32" 2>&1 | tail -5
@@ -70,7 +76,9 @@ for p in "${phases[@]}"; do
         --profile 20
       phase tf32 --scripts dqn_softmoe rainbow_softmoe --moe-types softmoe --num-envs 1 --compile \
         --compile-mode reduce-overhead --tf32 ;;
-    atari100k) phase atari100k --scripts der_softmoe drq_softmoe --moe-types baseline softmoe --num-envs 1 ;;
+    atari100k)
+      phase atari100k --scripts der_softmoe drq_softmoe --moe-types softmoe --num-envs 1
+      phase atari100k-lagged --scripts der_softmoe drq_softmoe --moe-types softmoe --num-envs 1 --lagged-actor ;;
     profile) phase profile --scripts rainbow_softmoe der_softmoe --moe-types softmoe --num-envs 1 --no-full-loop \
       --profile 20 ;;
   esac

@@ -64,15 +64,15 @@ def env_only(module, rom: str, protocol: str, num_envs: int, steps: int, seed: i
     return rate(steps // num_envs * num_envs, elapsed)
 
 
-def acting(module, agent, rom: str, protocol: str, num_envs: int, steps: int, device, seed: int = 0) -> float:
-    """Agent steps per second of env step + action selection on the device (one host sync per step, as in training)."""
+def acting(module, agent, rom: str, protocol: str, num_envs: int, steps: int, seed: int = 0) -> float:
+    """Agent steps per second of env step + the agent's `act` (states up, actions down: one host sync per step)."""
     envs = module.make_env(rom, num_envs, protocol)
     obs, _ = envs.reset(seed=seed)
     for _ in range(5):  # warm-up (lazy init, cuDNN autotuning)
-        obs, *_ = envs.step(agent.act(torch.as_tensor(obs, device=device)).cpu().numpy())
+        obs, *_ = envs.step(agent.act(obs))
     start = time.perf_counter()
     for _ in range(steps // num_envs):
-        obs, *_ = envs.step(agent.act(torch.as_tensor(obs, device=device)).cpu().numpy())
+        obs, *_ = envs.step(agent.act(obs))
     elapsed = time.perf_counter() - start
     envs.close()
     return rate(steps // num_envs * num_envs, elapsed)
@@ -129,7 +129,7 @@ def profile_updates(agent, updates: int, device, num_actions: int, online: bool,
     result = {"updates": updates, "update": profile_calls(agent.update, updates, device, top)}
     if online:
         rb, rng = agent.rb, np.random.default_rng(0)
-        states = torch.zeros((rb.num_envs, 4, 84, 84), dtype=torch.uint8, device=device)
+        states = np.zeros((rb.num_envs, 4, 84, 84), dtype=np.uint8)  # from the host, as the loop acts
         frames = rng.integers(0, 256, (rb.num_envs, 84, 84), dtype=np.uint8)
         no = np.zeros(rb.num_envs, dtype=bool)
         result["act"] = profile_calls(lambda: agent.act(states), updates, device)
@@ -172,7 +172,7 @@ def measure(script: str, moe_type: str, opts) -> dict:
     overrides = dict(env_id=opts.env_id, moe_type=moe_type, num_experts=opts.num_experts if moe_type != "baseline" else 1,
                      encoder=opts.encoder, num_envs=opts.num_envs, buffer_size=opts.buffer_size, compile=opts.compile,
                      compile_mode=getattr(opts, "compile_mode", "default"), tf32=getattr(opts, "tf32", False),
-                     cuda=device.type == "cuda")
+                     lagged_actor=getattr(opts, "lagged_actor", False), cuda=device.type == "cuda")
     fields = set(module.Args.__dataclass_fields__)
     args = module.Args(**{k: v for k, v in overrides.items() if k in fields})
     envs = module.make_env(rom, 1, protocol)
@@ -196,7 +196,7 @@ def measure(script: str, moe_type: str, opts) -> dict:
     replay_ratio = getattr(args, "replay_ratio", None)
     if spec.kind != "offline":
         result["env_only_sps"] = env_only(module, rom, protocol, opts.num_envs, opts.steps)
-        result["acting_sps"] = acting(module, agent, rom, protocol, opts.num_envs, opts.steps, device)
+        result["acting_sps"] = acting(module, agent, rom, protocol, opts.num_envs, opts.steps)
         result["learning_bound_sps"] = result["updates_per_s"] / replay_ratio
         if opts.full_loop:
             flags = ["--env-id", opts.env_id, "--moe-type", moe_type, "--num-experts", str(overrides["num_experts"]),
@@ -205,6 +205,8 @@ def measure(script: str, moe_type: str, opts) -> dict:
                 flags += ["--compile", "--compile-mode", overrides["compile_mode"]]
             if overrides["tf32"]:
                 flags += ["--tf32"]
+            if overrides["lagged_actor"]:
+                flags += ["--lagged-actor"]
             loop = full_loop(script, flags, opts.loop_warmup, opts.loop_warmup + opts.loop_steps, opts.device)
             result.update({"both_sps": loop["sps"], "peak_host_bytes": loop["peak_host_bytes"],
                            "peak_gpu_bytes": loop["peak_gpu_bytes"], "peak_gpu_reserved_bytes": loop["peak_gpu_reserved_bytes"]})
@@ -217,7 +219,8 @@ def markdown(results: list[dict], opts, machine: str) -> str:
     lines = [f"Machine: {machine}. Device: {opts.device}. Game {opts.env_id}, encoder {opts.encoder}, "
              f"{opts.num_envs} env(s), batch 32, compile "
              f"{getattr(opts, 'compile_mode', 'default') if opts.compile else 'off'}, "
-             f"{'TF32' if getattr(opts, 'tf32', False) else 'float32'} matmuls and convolutions.",
+             f"{'TF32' if getattr(opts, 'tf32', False) else 'float32'} matmuls and convolutions"
+             f"{', lagged actor' if getattr(opts, 'lagged_actor', False) else ''}.",
              f"Command: `python benchmark/speed.py {' '.join(sys.argv[1:])}`", "",
              "| script | MoE | params | env only (steps/s) | acting (steps/s) | updates/s | learning-bound (steps/s) "
              "| both (steps/s) | peak host GB | peak GPU GB (allocated / reserved) | replay at 1M (GB) |",
@@ -274,6 +277,8 @@ def main() -> None:
     parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead"],
                         help="the scripts' --compile-mode (reduce-overhead: CUDA graphs)")
     parser.add_argument("--tf32", action="store_true", help="measure with the scripts' --tf32 (GPU only)")
+    parser.add_argument("--lagged-actor", action="store_true",
+                        help="measure with the scripts' --lagged-actor (the online scripts; acting never waits for updates)")
     parser.add_argument("--steps", type=int, default=2000, help="agent steps timed for env-only and acting")
     parser.add_argument("--updates", type=int, default=50, help="gradient updates timed")
     parser.add_argument("--fill", type=int, default=5000, help="replay transitions of random frames for the update timing")

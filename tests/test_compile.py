@@ -25,12 +25,12 @@ def train(module, compile: bool, device: str = "cpu", mode: str = "default", upd
     agent = module.build_agent(args, 6, torch.device(device))
     if compile:  # what --compile promises is compiled: acting and the replay's sampling (the step is inside update)
         tree = [agent.rb.tree.find, agent.rb.tree.update] if hasattr(agent.rb, "tree") else []
-        assert all(hasattr(f, "_torchdynamo_orig_callable") for f in [agent.act, agent.rb.gather, *tree])
+        assert all(hasattr(f, "_torchdynamo_orig_callable") for f in [agent.act.policy, agent.rb.gather, *tree])
     fill_replay(agent.rb, 300, 6)
     initial = {k: v.detach().clone() for k, v in agent.q_network.state_dict().items()}
     losses = [agent.update()[0] for _ in range(updates)]
     slots, envs = torch.arange(10, 18, device=device), torch.zeros(8, dtype=torch.long, device=device)
-    greedy = agent.act(agent.rb.stack_frames(slots, envs))
+    greedy = torch.as_tensor(agent.act(agent.rb.stack_frames(slots, envs).cpu().numpy()), device=device)
     final = {k: v.detach().clone() for k, v in agent.q_network.state_dict().items()}
     return torch.cat([torch.stack(losses), greedy.float()]), initial, final
 

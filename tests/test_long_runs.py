@@ -35,12 +35,16 @@ def base(script):
     return BASE
 
 
-# DER's is below, stopped by signals during its evaluations
-@pytest.mark.parametrize("script,game,extra", [ONLINE[0], ONLINE[1], ONLINE[3]])
+# DER's is below, stopped by signals during its evaluations. Rainbow's acts with --lagged-actor: its noisy nets act
+# greedily at every step, so an actor copy not restored exactly would change the actions after the resume
+LAGGED_RAINBOW = (ONLINE[1][0], ONLINE[1][1], (*ONLINE[1][2], "--lagged-actor"))
+
+
+@pytest.mark.parametrize("script,game,extra", [ONLINE[0], LAGGED_RAINBOW, ONLINE[3]])
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, script, game, extra):
     """Top1 with load balancing draws torch noise, as do noisy nets; epsilon-greedy draws numpy numbers, sticky
-    actions the emulator's, prioritized replay its sum tree: parameters and every logged return and loss must still
-    match exactly (CPU, deterministic)."""
+    actions the emulator's, prioritized replay its sum tree, the lagged actor holds parameters of its own: parameters
+    and every logged return and loss must still match exactly (CPU, deterministic)."""
     flags = [*base(script), *extra, "--env-id", game, "--moe-type", "top1", "--load-balancing-coef", "1",
              "--runs-dir", str(tmp_path), "--save-model"]
     full = run_script(script, *flags, "--exp-name", "full", "--total-timesteps", "700")

@@ -1,0 +1,163 @@
+"""The online scripts act through `Actor` (shared block): by default with the online network itself; with
+--lagged-actor with a copy refreshed just before each round of updates, so that on a GPU acting never waits for the
+updates in flight. On the CPU the lagged semantics are the same (no streams): these tests pin them down, and a real
+loop of every online script refreshes exactly where it promises. The GPU case (its own stream) is checked against
+the CPU semantics when a GPU is present."""
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, load_script
+
+sys.path.insert(0, ROOT)
+from benchmark.speed import fill_replay  # noqa: E402
+
+ONLINE = ["dqn_softmoe", "rainbow_softmoe", "der_softmoe", "drq_softmoe"]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def agent_of(module, device="cpu", **flags):
+    torch.manual_seed(0)
+    args = module.Args(encoder="nature", num_experts=2, expert_hidden=16, batch_size=8, buffer_size=400,
+                       cuda=device == "cuda", **flags)
+    agent = module.build_agent(args, 4, torch.device(device))
+    fill_replay(agent.rb, 300, 4)
+    return agent
+
+
+def params(network) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in [*network.parameters(), *network.buffers()]]
+
+
+def same(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(x.cpu(), y.cpu()) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("script", ONLINE)
+def test_default_actor_acts_with_the_online_network(script):
+    agent = agent_of(load_script(script))
+    assert agent.act.network is agent.q_network and agent.act.state_dict() is None
+    states = agent.rb.stack_frames(torch.arange(10, 18), torch.zeros(8, dtype=torch.long)).numpy()
+    with torch.no_grad():
+        expected = agent.act.policy(agent.q_network, torch.as_tensor(states))
+    if script in ("dqn_softmoe", "drq_softmoe"):  # no noise: the greedy actions of the online network
+        np.testing.assert_array_equal(agent.act(states), expected.numpy())
+    before = params(agent.q_network)
+    agent.act.refresh()  # a no-op without --lagged-actor
+    assert same(before, params(agent.q_network))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("script", ONLINE)
+def test_lagged_actor_acts_with_the_parameters_of_its_last_refresh(script, device):
+    module = load_script(script)
+    agent = agent_of(module, device, lagged_actor=True)
+    actor = agent.act
+    assert actor.network is not agent.q_network
+    assert not any(p.requires_grad for p in actor.network.parameters())  # never in the optimizer, never a grad
+    assert {id(p) for p in actor.network.parameters()}.isdisjoint(id(p) for p in agent.q_network.parameters())
+    initial = params(agent.q_network)
+    states = agent.rb.stack_frames(torch.arange(10, 18, device=device),
+                                   torch.zeros(8, dtype=torch.long, device=device)).cpu().numpy()
+
+    def greedy(network):  # the actor's policy on this network, as the actor runs it (noise from the same seed)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            return actor.policy(network, torch.as_tensor(states, device=device)).cpu().numpy()
+
+    for _ in range(3):
+        agent.update()
+    trained = params(agent.q_network)
+    trained_state = {k: v.clone() for k, v in agent.q_network.state_dict().items()}
+    assert not same(initial, trained)  # the updates moved the online network ...
+    assert same(initial, params(actor.network))  # ... not the actor's copy
+    expected = greedy(actor.network)
+    torch.manual_seed(1)
+    np.testing.assert_array_equal(actor(states), expected)
+
+    actor.refresh()  # before the next round: the actor takes the parameters of the rounds so far
+    for _ in range(3):  # queued after the refresh (on a GPU, still running while the actor acts): must not reach it
+        agent.update()
+    assert same(trained, params(actor.network)) and not same(trained, params(agent.q_network))
+    expected = greedy(actor.network)
+    torch.manual_seed(1)
+    np.testing.assert_array_equal(actor(states), expected)
+    state = actor.state_dict()  # what a checkpoint keeps: the copy, not the online network
+    assert state.keys() == trained_state.keys() and all(torch.equal(state[k], trained_state[k]) for k in state)
+
+
+class Recorder:
+    """Wraps an agent's actor and update to log the loop's calls and, at each, the parameters involved."""
+
+    def __init__(self, agent, events):
+        self.actor, self.events, self.agent = agent.act, events, agent
+        update = agent.update
+
+        def recorded_update():
+            events.append(("update", None))
+            return update()
+
+        agent.update = recorded_update
+
+    def __call__(self, obs):
+        self.events.append(("act", (params(self.actor.network), params(self.agent.q_network))))
+        return self.actor(obs)
+
+    def refresh(self):
+        self.events.append(("refresh", params(self.agent.q_network)))
+        self.actor.refresh()
+
+    def state_dict(self):
+        return self.actor.state_dict()
+
+    def load_state_dict(self, state):
+        self.actor.load_state_dict(state)
+
+
+@pytest.mark.parametrize("script", ONLINE)
+def test_the_loop_refreshes_the_lagged_actor_before_each_round(script, tmp_path, monkeypatch):
+    """A real loop (2 envs, replay ratio 0.75: rounds of 1 and 2 updates, no update at some steps): every round of
+    updates is preceded by one refresh taking the online parameters of that moment, there is no refresh without a
+    round, and every action is taken with the parameters of the latest refresh, never with the newest."""
+    module = load_script(script)
+    events = []
+    build = module.build_agent
+
+    def recorded_build(*args):
+        agent = build(*args)
+        agent.act = Recorder(agent, events)
+        return agent
+
+    monkeypatch.setattr(module, "build_agent", recorded_build)
+    flags = dict(encoder="nature", num_experts=2, expert_hidden=16, batch_size=8, buffer_size=2000, num_envs=2,
+                 env_id="Breakout", learning_starts=100, total_timesteps=160, replay_ratio=0.75, lagged_actor=True,
+                 runs_dir=str(tmp_path), metrics_every=0, log_every=1000, print_every=1000, cuda=False)
+    if script in ("dqn_softmoe", "drq_softmoe"):  # epsilon-greedy: act greedily from the first learning step
+        flags.update(exploration_steps=2, end_e=0.0)
+    if script in ("der_softmoe", "drq_softmoe"):
+        flags.update(eval_episodes=0)
+    if script != "drq_softmoe":
+        flags.update(target_network_frequency=1000)
+    args = module.Args(**flags)
+    module.main(args, *module.prepare(args)[:2])
+
+    kinds = [kind for kind, _ in events]
+    assert kinds.count("update") >= 20 and kinds.count("act") >= 20
+    rounds = "".join({"act": "a", "refresh": "r", "update": "u"}[k] for k in kinds).split("a")
+    for segment in rounds:  # between two actions: nothing, or one refresh then the round's updates
+        assert segment == "" or (segment[0] == "r" and set(segment[1:]) == {"u"}), segment
+    assert {len(s) - 1 for s in rounds if s} == {1, 2}
+    latest, lagging = None, 0
+    for i, (kind, tensors) in enumerate(events):
+        if kind == "refresh":
+            latest = tensors
+        elif kind == "act" and latest is not None:
+            actor, online = tensors
+            assert same(actor, latest)
+            if kinds[i - 1] == "update":  # right after a round: the online network is one round ahead
+                assert not same(actor, online)
+                lagging += 1
+    assert lagging >= 10
