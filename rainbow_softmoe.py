@@ -54,7 +54,7 @@ class Args:
     compile: bool = False
     """compile the training step, acting and the replay's sampling with `torch.compile` (fewer GPU kernel launches)"""
     compile_mode: Literal["default", "reduce-overhead"] = "default"
-    """with --compile: reduce-overhead captures the step in CUDA graphs and replays it (GPU only; not yet measured)"""
+    """with --compile: reduce-overhead captures the training step and acting in CUDA graphs and replays them (GPU only; not yet measured)"""
     tf32: bool = False
     """on an NVIDIA GPU (Ampere or newer): TF32 matmuls and convolutions, faster, 10-bit mantissa (off: exact float32)"""
     lagged_actor: bool = False
@@ -700,13 +700,14 @@ class Actor:
     (with one env and replay ratio 0.25, the parameters are 4 agent steps older; Dopamine acts with the newest).
     """
 
-    def __init__(self, network: nn.Module, policy, lagged: bool = False):
+    def __init__(self, network: nn.Module, policy, lagged: bool = False, graphs: bool = False):
         self.source, self.policy, self.lagged = network, policy, lagged
         self.network = copy.deepcopy(network).requires_grad_(False) if lagged else network
         self.device = next(network.parameters()).device
         self.stream = torch.cuda.Stream(self.device) if lagged and self.device.type == "cuda" else None
         self.refreshed = None  # CUDA event: the last write of the actor's copy (made, refreshed, loaded) is done
         self.written()
+        self.graphs = {} if graphs and self.device.type == "cuda" else None  # batch shape -> graph, its input, output
 
     def refresh(self) -> None:
         """Copy the network's parameters into the actor's (lagged only). On a GPU the copy is queued on the
@@ -733,12 +734,33 @@ class Actor:
         with torch.cuda.stream(stream), torch.no_grad():
             if self.refreshed is not None:
                 stream.wait_event(self.refreshed)
-            actions = self.policy(self.network, states.pin_memory().to(self.device, non_blocking=True))
+            states = states.pin_memory().to(self.device, non_blocking=True)
+            actions = self.policy(self.network, states) if self.graphs is None else self.replay(states)
             actions = actions.to("cpu", non_blocking=True)  # into page-locked memory: valid once `acted` is reached
             acted = torch.cuda.Event()
             acted.record(stream)
         acted.synchronize()
         return actions.numpy()
+
+    def replay(self, states: torch.Tensor) -> torch.Tensor:
+        """--compile-mode reduce-overhead: the policy captured in a CUDA graph (one per batch shape), then replayed: one
+        launch per call. Captured by hand: torch.compile's own graphs spend ~0.3 ms per call on bookkeeping
+        (pytorch/pytorch#150488), more than an emulator step. The output is overwritten by the next replay."""
+        if states.shape not in self.graphs:
+            static, side = states.clone(), torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # compilation, autotuning and lazy initialisation before the capture
+                for _ in range(3):
+                    self.policy(self.network, static)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                actions = self.policy(self.network, static)
+            self.graphs[states.shape] = graph, static, actions
+        graph, static, actions = self.graphs[states.shape]
+        static.copy_(states)
+        graph.replay()
+        return actions
 
     def state_dict(self) -> dict | None:
         """What a checkpoint needs to resume exactly: the lagged copy (None when the actor uses the network itself)."""
@@ -1756,7 +1778,7 @@ def build_agent(args: Args, num_actions: int, device: torch.device) -> types.Sim
     def policy(network: nn.Module, states: torch.Tensor) -> torch.Tensor:
         return expected_q(network(states), network.support).argmax(1)  # training mode: noise per env's state
 
-    act = Actor(q_network, policy, args.lagged_actor)
+    act = Actor(q_network, policy, args.lagged_actor, graphs=args.compile_mode == "reduce-overhead")
 
     if args.compile:  # sampling, batch assembly and acting: fused kernels instead of hundreds of small ones
         rb.compile()

@@ -15,8 +15,10 @@
 #   compile   the GPU cases of tests/test_compile.py (eager = compiled, with and without CUDA graphs; TF32 close to
 #             float32; the replay's asynchronous copies), then dqn/rainbow Soft MoE x8, 1 env, --compile, with launch
 #             counts per update, act and add (compile.md)
-#   graphs    dqn/rainbow Soft MoE x8, 1 env, --compile --compile-mode reduce-overhead (CUDA graphs, with launch counts;
-#             graphs.md), der the same with its 100k-run time (der-graphs.md), and dqn/rainbow with --tf32 too (tf32.md)
+#   graphs    dqn/rainbow Soft MoE x8, 1 env, --compile --compile-mode reduce-overhead (CUDA graphs for the step and
+#             acting, with launch counts; graphs.md), der the same with its 100k-run time (der-graphs.md), dqn/rainbow
+#             with --lagged-actor too (graphs-lagged.md: the setting meant to reach 80% of the env-only rate), and
+#             with --tf32 (tf32.md)
 #   atari100k der/drq, Impala, Soft MoE x8 (the slower network), 1 env, plain and --lagged-actor: a 100k run's time
 #   profile   rainbow/der Soft MoE x8, Impala: 20 updates, acts and adds under torch.profiler (kernel launches per call)
 # Each phase writes $OUT/<phase>.md (benchmark/speed.py --out); the .json numbers are packed into $OUT/numbers.tar.gz
@@ -74,6 +76,8 @@ for p in "${phases[@]}"; do
         --compile-mode reduce-overhead --profile 20
       phase der-graphs --scripts der_softmoe --moe-types softmoe --num-envs 1 --compile --compile-mode reduce-overhead \
         --profile 20
+      phase graphs-lagged --scripts dqn_softmoe rainbow_softmoe --moe-types softmoe --num-envs 1 --compile \
+        --compile-mode reduce-overhead --lagged-actor
       phase tf32 --scripts dqn_softmoe rainbow_softmoe --moe-types softmoe --num-envs 1 --compile \
         --compile-mode reduce-overhead --tf32 ;;
     atari100k)

@@ -161,3 +161,25 @@ def test_the_loop_refreshes_the_lagged_actor_before_each_round(script, tmp_path,
                 assert not same(actor, online)
                 lagging += 1
     assert lagging >= 10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (reduce-overhead is refused elsewhere)")
+@pytest.mark.parametrize("lagged", [False, True])
+@pytest.mark.parametrize("script", ["dqn_softmoe", "drq_softmoe"])
+def test_cuda_graphed_actor_acts_as_the_policy(script, lagged):
+    """--compile-mode reduce-overhead: acting replays a CUDA graph captured per batch shape. Its actions must be the
+    policy's on the parameters of the moment (updated in place by Adam or a refresh, which the graph reads), for
+    every batch shape, on the first call (the capture) and on later ones (replays)."""
+    module = load_script(script)
+    agent = agent_of(module, "cuda", lagged_actor=lagged)
+    actor = module.Actor(agent.q_network, agent.act.policy, lagged, graphs=True)
+    for batch in (8, 1, 8):
+        states = agent.rb.stack_frames(torch.arange(10, 10 + batch, device="cuda"),
+                                       torch.zeros(batch, dtype=torch.long, device="cuda")).cpu().numpy()
+        for _ in range(2):
+            with torch.no_grad():
+                expected = actor.policy(actor.network, torch.as_tensor(states, device="cuda")).cpu().numpy()
+            np.testing.assert_array_equal(actor(states), expected)
+            agent.update()
+            actor.refresh()
+    assert set(actor.graphs) == {torch.Size([8, 4, 84, 84]), torch.Size([1, 4, 84, 84])}
