@@ -599,3 +599,34 @@ def test_impossible_flags_are_refused(cql, flags, message):
     with pytest.raises(ValueError) as error:
         cql.check_args(cql.Args(**flags))
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("agent", ["cql", "cql-c51"])
+def test_target_network_syncs_every_target_update_period(cql, tmp_path, monkeypatch, agent):
+    """--target-update-period P in a real run: the target network takes the online one after gradient steps P, 2P, ...
+    and at no other time (counted at each of its load_state_dict calls), across iterations."""
+    tiny_dataset(tmp_path)
+    updates, syncs = [0], []
+    build = cql.build_agent
+
+    def recorded_build(*args):
+        agent = build(*args)
+        update, load = agent.update, agent.target_network.load_state_dict
+
+        def counted_update():
+            updates[0] += 1
+            return update()
+
+        def recorded_load(state, *rest, **kwargs):
+            syncs.append(updates[0])
+            return load(state, *rest, **kwargs)
+
+        agent.update, agent.target_network.load_state_dict = counted_update, recorded_load
+        return agent
+
+    monkeypatch.setattr(cql, "build_agent", recorded_build)
+    args = tiny_args(cql, agent=agent, dataset_dir=str(tmp_path), env_id="Pong", num_iterations=2,
+                     gradient_steps_per_iteration=20, target_update_period=7, batch_size=8, eval_episodes=0, data_fraction=1.0,
+                     metrics_every=0, log_every=100, print_every=100, runs_dir=str(tmp_path / "runs"))
+    cql.main(args, *cql.prepare(args))
+    assert updates[0] == 40 and syncs == [7, 14, 21, 28, 35]

@@ -173,3 +173,33 @@ def test_encoder_flags_reach_the_network(script):
     assert convs[0].out_channels == 32 and convs[-1].out_channels == 64
     assert all(c.kernel_size == (4, 4) for c in convs)
     assert net.moe.phi.shape == (64, 2 * 61)  # token dim 32 x 2; 121 tokens, 61 slots per expert
+
+
+@pytest.mark.parametrize("script", ["rainbow_softmoe", "der_softmoe"])
+def test_noisy_epsilon_sets_the_share_of_random_actions(script, tmp_path, monkeypatch):
+    """--noisy-epsilon in a real loop (Breakout, 4 actions, a policy that always picks action 0): at epsilon 0 every
+    action is the policy's, at 0.5 action 0's share is 1 - 0.5 + 0.5 / 4 = 0.625 (+-0.1: over 400 steps the
+    standard deviation is 0.024), from the first step on (noisy nets need no warm-up epsilon)."""
+    module = load_script(script)
+    agents = []
+    build = module.build_agent
+
+    def recorded_build(*args):
+        agent = build(*args)
+        agent.act.policy = lambda network, states: torch.zeros(len(states), dtype=torch.long, device=states.device)
+        agents.append(agent)
+        return agent
+
+    monkeypatch.setattr(module, "build_agent", recorded_build)
+    for epsilon, share in [(0.0, 1.0), (0.5, 0.625)]:
+        flags = dict(encoder="nature", num_experts=2, expert_hidden=16, buffer_size=2000, env_id="Breakout", seed=3,
+                     learning_starts=1000, total_timesteps=400, noisy_epsilon=epsilon, metrics_every=0, log_every=1000,
+                     print_every=1000, runs_dir=str(tmp_path / str(epsilon)), cuda=False)
+        if script == "der_softmoe":
+            flags.update(eval_episodes=0)
+        args = module.Args(**flags)
+        module.main(args, *module.prepare(args)[:2])
+        rb = agents[-1].rb
+        actions = rb.actions[: rb.t, 0]
+        assert rb.t == 400
+        assert abs((actions == 0).float().mean().item() - share) <= (0.1 if epsilon else 0.0)
