@@ -1425,21 +1425,27 @@ RESUMABLE_CHANGES = {"resume", "total_timesteps", "checkpoint_every", "checkpoin
 
 
 def episode_seed(seed: int, env: int, episode: int) -> int:
-    """Seed of an env's episode-th reset; unique per (env, episode) for fewer than 7,919 envs."""
+    """Seed of an env's episode-th seeded reset; unique per (env, episode) for fewer than 7,919 envs."""
     return (seed * 1_000_003 + env * 10_007 + episode * 7_919) % (2**31 - 1)
 
 
-class EnvTracker:
-    """Makes vector envs resumable without emulator snapshots (ale-py's vector env has none): every episode starts
-    from a reset seeded by (seed, env, episode), so an env's state is that seed plus the actions taken since."""
+RESEED_STEPS = 27_000  # agent steps between an env's seeded resets (a resume replays at most this plus one episode)
 
-    def __init__(self, seed: int, num_envs: int):
-        self.seed, self.episodes = seed, np.zeros(num_envs, dtype=np.int64)
-        self.actions = [[] for _ in range(num_envs)]
+
+class EnvTracker:
+    """Makes vector envs resumable without emulator snapshots (ale-py's vector env has none): an env's state is the
+    seed of its last seeded reset plus the actions taken since (the episodes in between begin with ale-py's own
+    auto-reset, which replaying the actions repeats). A seeded reset reloads the ROM, ~0.2 s (once per episode it
+    halved the loop's rate with short episodes), so an env is reseeded only at the first episode end at least
+    `reseed_steps` agent steps after its last one."""
+
+    def __init__(self, seed: int, num_envs: int, reseed_steps: int = RESEED_STEPS):
+        self.seed, self.segments, self.reseed_steps = seed, np.zeros(num_envs, dtype=np.int64), reseed_steps
+        self.actions = [[] for _ in range(num_envs)]  # per env: every action since its last seeded reset
 
     def seeds(self, mask=None) -> np.ndarray:
-        envs = np.arange(len(self.episodes)) if mask is None else np.flatnonzero(mask)
-        return np.array([episode_seed(self.seed, e, int(self.episodes[e])) for e in envs], dtype=np.int64)
+        envs = np.arange(len(self.segments)) if mask is None else np.flatnonzero(mask)
+        return np.array([episode_seed(self.seed, e, int(self.segments[e])) for e in envs], dtype=np.int64)
 
     def send(self, envs, actions):
         """Start a step: the emulators run in ale-py's C++ threads until `envs.recv()`, so the learner can update
@@ -1449,28 +1455,30 @@ class EnvTracker:
         envs.send(np.asarray(actions, dtype=np.int64))
 
     def reset_ended(self, envs, was_done, obs):
-        """After the auto-reset step of ended episodes, reset those envs again with their next seed."""
-        if was_done.any():
-            self.episodes[was_done] += 1
-            for e in np.flatnonzero(was_done):
+        """After the auto-reset step of ended episodes: the envs that played `reseed_steps` since their last seeded
+        reset are reset again with their next seed; the others go on from ale-py's auto-reset."""
+        reseed = was_done & (np.array([len(a) for a in self.actions]) >= self.reseed_steps)
+        if reseed.any():
+            self.segments[reseed] += 1
+            for e in np.flatnonzero(reseed):
                 self.actions[e] = []
-            reset_obs, _ = envs.reset(seed=self.seeds(was_done), options={"reset_mask": was_done})
-            obs = np.where(was_done[:, None, None, None], reset_obs, obs)
+            reset_obs, _ = envs.reset(seed=self.seeds(reseed), options={"reset_mask": reseed})
+            obs = np.where(reseed[:, None, None, None], reset_obs, obs)
         return obs
 
     def state_dict(self) -> dict:
-        return {"episodes": torch.as_tensor(self.episodes), "actions": [torch.tensor(a, dtype=torch.uint8) for a in self.actions]}
+        return {"segments": torch.tensor(self.segments), "actions": [torch.tensor(a, dtype=torch.uint8) for a in self.actions]}
 
     def restore(self, envs, state: dict, expected_obs: np.ndarray) -> np.ndarray:
-        """Replay every env's current episode from its seed; envs with shorter episodes are reset later so all end
+        """Replay every env's actions since its last seeded reset; envs with fewer are reset later so all end
         together. The result must equal the observation saved in the checkpoint."""
-        self.episodes = state["episodes"].numpy().copy()
+        self.segments = state["segments"].numpy().copy()
         self.actions = [a.tolist() for a in state["actions"]]
         lengths = np.array([len(a) for a in self.actions])
         longest = int(lengths.max())
         obs, _ = envs.reset(seed=self.seeds())
         for k in range(longest + 1):
-            starting = (longest - lengths == k) & (lengths < longest)  # these episodes begin now
+            starting = (longest - lengths == k) & (lengths < longest)  # these envs' seeded resets come now
             if starting.any():
                 obs, _ = envs.reset(seed=self.seeds(starting), options={"reset_mask": starting})
             if k == longest:

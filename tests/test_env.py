@@ -85,3 +85,43 @@ def test_every_protocol_setting_is_explicit(dqn, monkeypatch, protocol, sticky, 
         repeat_action_probability=sticky, noop_max=noops, use_fire_reset=False, reward_clipping=False, episodic_life=False,
         frameskip=4, maxpool=True, stack_num=4, grayscale=True, full_action_space=False,
         max_num_frames_per_episode=108_000, img_height=84, img_width=84)
+
+
+def loop_steps(dqn, envs, tracker, obs, was_done, actions):
+    """The training loop's env calls, in its order; returns the observations acted on and the final state."""
+    seen, ended, reseeded = [], 0, 0
+    for a in actions:
+        before = tracker.segments.copy()
+        tracker.send(envs, a)
+        next_obs, _, terminations, truncations, _ = envs.recv()
+        obs, was_done = tracker.reset_ended(envs, was_done, next_obs), terminations | truncations
+        ended, reseeded = ended + int(was_done.sum()), reseeded + int((tracker.segments > before).sum())
+        seen.append(obs.copy())
+    return seen, obs, was_done, ended, reseeded
+
+
+@pytest.mark.parametrize("protocol", ["dopamine", "atari100k"])
+def test_resume_replays_several_episodes_between_seeded_resets(dqn, protocol):
+    """A seeded reset reloads the ROM (~0.2 s), so an env is reseeded only at the first episode end `reseed_steps`
+    after its last one; episodes in between start from ale-py's auto-reset (sticky actions and, on atari100k,
+    no-op starts keep drawing from the env's generator). A tracker restored mid-run must replay those episodes
+    exactly: the restored envs then see the same observations as the uninterrupted ones, reseeds included."""
+    rng = np.random.default_rng(0)
+    actions = [rng.integers(4, size=2) for _ in range(900)]
+    envs = dqn.make_env("breakout", 2, protocol)
+    tracker = dqn.EnvTracker(5, 2, reseed_steps=250)
+    obs, _ = envs.reset(seed=tracker.seeds())
+    _, obs, was_done, ended, reseeded = loop_steps(dqn, envs, tracker, obs, np.zeros(2, dtype=bool), actions[:600])
+    state, saved_obs, saved_done = tracker.state_dict(), obs.copy(), was_done.copy()
+    assert reseeded >= 1 and ended > reseeded  # episodes ended both with and without a seeded reset
+    assert max(len(a) for a in tracker.actions) > 150  # some env replays more than its current episode
+    uninterrupted, *_ = loop_steps(dqn, envs, tracker, obs, was_done, actions[600:])
+    envs.close()
+
+    fresh = dqn.make_env("breakout", 2, protocol)
+    restored = dqn.EnvTracker(5, 2, reseed_steps=250)
+    obs = restored.restore(fresh, state, saved_obs)  # raises unless the replay reproduces the saved observations
+    resumed, _, _, ended_after, reseeded_after = loop_steps(dqn, fresh, restored, obs, saved_done, actions[600:])
+    fresh.close()
+    assert ended_after >= 1
+    assert all(np.array_equal(a, b) for a, b in zip(uninterrupted, resumed))
