@@ -1491,7 +1491,7 @@ def peak_memory(device: torch.device) -> dict:
 # === shared: checkpoint ===
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; the launcher requeues the job, which continues with --resume auto
 EXIT_NONFINITE = 3
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the lagged actor's copy; envs reseeded per segment, not per episode
 RESUMABLE_CHANGES = {"resume", "total_timesteps", "checkpoint_every", "checkpoint_keep", "checkpoint_replay", "cuda",
                      "compile", "compile_mode", "tf32", "log_every", "print_every", "metrics_every", "save_model", "save_replay", "eval_episodes",
                      "eval_epsilon", "eval_every"}
@@ -1609,7 +1609,8 @@ def load_checkpoint(path: str, script: str, args: dict) -> dict:
     if not isinstance(state, dict) or "script" not in state or "args" not in state:
         raise ValueError(f"{path} is not a checkpoint of this project")
     if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint {path} has format {state.get('format')}, this script reads format {CHECKPOINT_FORMAT}")
+        raise ValueError(f"checkpoint {path} has format {state.get('format')}, this script reads format {CHECKPOINT_FORMAT}; "
+                         "resume it with the version of this script that wrote it, or start a new run")
     if state["script"] != script:
         raise ValueError(f"checkpoint {path} was written by {state['script']}, not {script}")
     for key, value in args.items():

@@ -5,9 +5,9 @@
 #   here, once:   ../shared/tools/device-wheels.sh                # fills .whl/ (ignored by git)
 #   on the GPU:   bash benchmark/gpu_session.sh [PHASE...]         # carry .whl; results go to $OUT
 #
-# PHASE (default: envs1 lagged envs8 atari100k profile; estimated 8-9 minutes on an H100, never measured yet, so give the
-# device call timeout_s 600; then, if time is left, `compile` and `graphs` (each compiles 2-3 scripts: minutes) in other
-# calls):
+# PHASE (default: envs1 lagged envs8 atari100k profile, most wanted first; estimated 9-11 minutes on an H100, never
+# measured yet: give the device call timeout_s 600, and what a cut-off call measured still comes back; then, if time is
+# left, the rest, and `compile` and `graphs` (each compiles 2-3 scripts: minutes), in other calls):
 #   envs1     dqn/rainbow, Impala, baseline vs Soft MoE x8, 1 env (the paper's setting), eager
 #   lagged    the GPU cases of tests/test_actor.py (the lagged actor's own stream acts with its last refresh's
 #             parameters), then dqn/rainbow Soft MoE x8, 1 env, --lagged-actor (updates hidden behind acting)
@@ -19,10 +19,10 @@
 #             acting, with launch counts; graphs.md), der the same with its 100k-run time (der-graphs.md), dqn/rainbow
 #             with --lagged-actor too (graphs-lagged.md: the setting meant to reach 80% of the env-only rate), and
 #             with --tf32 (tf32.md)
-#   atari100k der/drq, Impala, Soft MoE x8 (the slower network), 1 env, plain and --lagged-actor: a 100k run's time
+#   atari100k der/drq, Impala, Soft MoE x8 (the slower network), 1 env, and der with --lagged-actor: a 100k run's time
 #   profile   rainbow/der Soft MoE x8, Impala: 20 updates, acts and adds under torch.profiler (kernel launches per call)
-# Each phase writes $OUT/<phase>.md (benchmark/speed.py --out); the .json numbers are packed into $OUT/numbers.tar.gz
-# at the end (with machine.txt, at most 8 files for all phases: the device tool brings back 8); copy them to
+# Each phase writes $OUT/<phase>.md (benchmark/speed.py --out); its .json numbers go into $OUT/numbers.tar as soon as
+# it ends (with machine.txt, at most 8 files for all phases: the device tool brings back 8); copy them to
 # benchmark/results/speed/<gpu>-<phase>.md and commit. QUICK=1 shrinks every count (a smoke test of this file
 # on any machine; the numbers mean nothing then).
 set -uo pipefail
@@ -58,6 +58,9 @@ phase() {  # phase NAME [speed.py flags...]: one table, its log, and a line sayi
   shift
   echo "== $name: python benchmark/speed.py --device $device ${counts[*]} $*"
   python3 benchmark/speed.py --device "$device" "${counts[@]}" "$@" --out "$OUT/$name.md" 2>&1
+  if [ -f "$OUT/$name.json" ]; then  # into one archive at once: a call cut off by its time limit keeps what it measured
+    (cd "$OUT" && tar -rf numbers.tar "./$name.json" && rm -f "./$name.json")
+  fi
   echo "== $name took $((SECONDS - start)) s"
 }
 
@@ -82,12 +85,9 @@ for p in "${phases[@]}"; do
         --compile-mode reduce-overhead --tf32 ;;
     atari100k)
       phase atari100k --scripts der_softmoe drq_softmoe --moe-types softmoe --num-envs 1
-      phase atari100k-lagged --scripts der_softmoe drq_softmoe --moe-types softmoe --num-envs 1 --lagged-actor ;;
+      phase atari100k-lagged --scripts der_softmoe --moe-types softmoe --num-envs 1 --lagged-actor ;;
     profile) phase profile --scripts rainbow_softmoe der_softmoe --moe-types softmoe --num-envs 1 --no-full-loop \
       --profile 20 ;;
   esac
 done
-if compgen -G "$OUT/*.json" > /dev/null; then  # one file for all the raw numbers
-  (cd "$OUT" && tar -czf numbers.tar.gz ./*.json && rm -f ./*.json)
-fi
 ls -l "$OUT"

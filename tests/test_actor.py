@@ -163,15 +163,21 @@ def test_the_loop_refreshes_the_lagged_actor_before_each_round(script, tmp_path,
     assert lagging >= 10
 
 
+GRAPHED = [("dqn_softmoe", {}), ("drq_softmoe", {}), ("rainbow_softmoe", {"noisy": False}), ("der_softmoe", {"noisy": False}),
+           ("dqn_softmoe", {"moe_type": "top1", "load_balancing_coef": 1.0}), ("dqn_softmoe", {"expert_variant": "big"}),
+           ("rainbow_softmoe", {"noisy": False, "expert_variant": "all"})]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (reduce-overhead is refused elsewhere)")
 @pytest.mark.parametrize("lagged", [False, True])
-@pytest.mark.parametrize("script", ["dqn_softmoe", "drq_softmoe"])
-def test_cuda_graphed_actor_acts_as_the_policy(script, lagged):
+@pytest.mark.parametrize("script,flags", GRAPHED)
+def test_cuda_graphed_actor_acts_as_the_policy(script, flags, lagged):
     """--compile-mode reduce-overhead: acting replays a CUDA graph captured per batch shape. Its actions must be the
     policy's on the parameters of the moment (updated in place by Adam or a refresh, which the graph reads), for
-    every batch shape, on the first call (the capture) and on later ones (replays)."""
+    every batch shape, on the first call (the capture) and on later ones (replays); for every head and MoE kind
+    (noisy nets off here: a graph draws other noise than eager; the next test captures them)."""
     module = load_script(script)
-    agent = agent_of(module, "cuda", lagged_actor=lagged)
+    agent = agent_of(module, "cuda", lagged_actor=lagged, **flags)
     actor = module.Actor(agent.q_network, agent.act.policy, lagged, graphs=True)
     for batch in (8, 1, 8):
         states = agent.rb.stack_frames(torch.arange(10, 10 + batch, device="cuda"),
@@ -183,3 +189,18 @@ def test_cuda_graphed_actor_acts_as_the_policy(script, lagged):
             agent.update()
             actor.refresh()
     assert set(actor.graphs) == {torch.Size([8, 4, 84, 84]), torch.Size([1, 4, 84, 84])}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (reduce-overhead is refused elsewhere)")
+@pytest.mark.parametrize("script", ["rainbow_softmoe", "der_softmoe"])
+def test_cuda_graphed_noisy_actor_draws_new_noise_at_each_replay(script):
+    """Noisy nets inside a captured graph: the capture registers the CUDA generator, so each replay draws new noise
+    (the actions of 20 replays on the same states are not all equal) and the actions are valid."""
+    module = load_script(script)
+    agent = agent_of(module, "cuda")
+    actor = module.Actor(agent.q_network, agent.act.policy, graphs=True)
+    states = agent.rb.stack_frames(torch.arange(10, 18, device="cuda"),
+                                   torch.zeros(8, dtype=torch.long, device="cuda")).cpu().numpy()
+    replays = np.stack([actor(states) for _ in range(20)])
+    assert replays.shape == (20, 8) and replays.min() >= 0 and replays.max() < 4
+    assert len({r.tobytes() for r in replays}) > 1

@@ -216,6 +216,14 @@ def test_checkpoint_of_another_script_is_refused(tmp_path):
     assert "was written by rainbow_softmoe.py, not dqn_softmoe.py" in bad_resume(path, tmp_path)
 
 
+def test_checkpoint_of_an_older_format_is_refused(dqn, tmp_path):
+    """Format 1 (before the lagged actor and per-segment reseeding) lacks what a resume needs: one clear line."""
+    path = tmp_path / "old.pt"
+    torch.save({"format": 1, "script": "dqn_softmoe.py", "args": {}}, path)
+    with pytest.raises(ValueError, match="has format 1, this script reads format 2; resume it with the version"):
+        dqn.load_checkpoint(str(path), "dqn_softmoe.py", {})
+
+
 def test_missing_resume_path_and_finished_checkpoint(checkpointed_run, tmp_path):
     assert "no such checkpoint file or run directory" in bad_resume(tmp_path / "nowhere", tmp_path)
     line = bad_resume(checkpointed_run, os.path.dirname(checkpointed_run), "--total-timesteps", "400")
