@@ -10,7 +10,8 @@
 # left, the rest, and `compile` and `graphs` (each compiles 2-3 scripts: minutes), in other calls):
 #   envs1     dqn/rainbow, Impala, baseline vs Soft MoE x8, 1 env (the paper's setting), eager
 #   lagged    the GPU cases of tests/test_actor.py (the lagged actor's own stream acts with its last refresh's
-#             parameters), then dqn/rainbow Soft MoE x8, 1 env, --lagged-actor (updates hidden behind acting)
+#             parameters), then dqn/rainbow Soft MoE x8, 1 env, --lagged-actor (updates hidden behind acting), with
+#             the rate of the loop that never learns (the ceiling once learning is hidden)
 #   envs8     the same with --num-envs 8
 #   compile   the GPU cases of tests/test_compile.py (eager = compiled, with and without CUDA graphs; TF32 close to
 #             float32; the replay's asynchronous copies), then dqn/rainbow Soft MoE x8, 1 env, --compile, with launch
@@ -69,7 +70,8 @@ for p in "${phases[@]}"; do
     envs1) phase envs1 --scripts dqn_softmoe rainbow_softmoe --moe-types baseline softmoe --num-envs 1 ;;
     lagged)
       python3 -m pytest -p no:cacheprovider -q tests/test_actor.py -k cuda 2>&1 | tail -3
-      phase lagged --scripts dqn_softmoe rainbow_softmoe --moe-types softmoe --num-envs 1 --lagged-actor ;;
+      phase lagged --scripts dqn_softmoe rainbow_softmoe --moe-types softmoe --num-envs 1 --lagged-actor \
+        --no-learning-loop ;;
     envs8) phase envs8 --scripts dqn_softmoe rainbow_softmoe --moe-types baseline softmoe --num-envs 8 ;;
     compile)  # compiled = eager on the GPU (CUDA graphs too; the GPU cases only), then the compiled speed
       python3 -m pytest -p no:cacheprovider -q tests/test_compile.py -k "cuda or gpu or tf32" 2>&1 | tail -5

@@ -139,13 +139,15 @@ def profile_updates(agent, updates: int, device, num_actions: int, online: bool,
 
 
 def full_loop(script: str, flags: list[str], learning_starts: int, total: int, device: str) -> dict:
-    """A real run of the script: agent steps/s after learning starts (median of its charts/SPS), peak memory."""
+    """A real run of the script: agent steps/s after learning starts (median of its charts/SPS, the first tenth left
+    out), peak memory. With learning_starts >= total learning never starts: the rate after the first tenth."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    start = 0 if learning_starts >= total else learning_starts
     with tempfile.TemporaryDirectory() as runs:
         command = [sys.executable, os.path.join(ROOT, f"{script}.py"), *flags, "--runs-dir", runs,
                    "--learning-starts", str(learning_starts), "--total-timesteps", str(total), "--metrics-every", "0",
-                   "--log-every", str(max(1, (total - learning_starts) // 10)), "--print-every", str(total),
+                   "--log-every", str(max(1, (total - start) // 10)), "--print-every", str(total),
                    "--eval-episodes", "0"]  # an untrained greedy agent may never serve: 100 games to the 27k-step cap
         if device == "cpu":
             command.append("--no-cuda")
@@ -156,7 +158,7 @@ def full_loop(script: str, flags: list[str], learning_starts: int, total: int, d
         (run_dir,) = glob.glob(os.path.join(runs, "*"))
         acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
         acc.Reload()
-        sps = [e.value for e in acc.Scalars("charts/SPS") if e.step > learning_starts + (total - learning_starts) // 10]
+        sps = [e.value for e in acc.Scalars("charts/SPS") if e.step > start + (total - start) // 10]
         with open(os.path.join(run_dir, "summary.json")) as f:
             summary = json.load(f)
     return {"sps": statistics.median(sps) if sps else float("nan"), "peak_host_bytes": summary.get("peak_host_memory_bytes"),
@@ -207,6 +209,8 @@ def measure(script: str, moe_type: str, opts) -> dict:
                 flags += ["--tf32"]
             if overrides["lagged_actor"]:
                 flags += ["--lagged-actor"]
+            if getattr(opts, "no_learning_loop", False):  # emulator + replay adds + the loop's own work (+ noisy acting)
+                result["no_learning_sps"] = full_loop(script, flags, 10**9, opts.loop_steps, opts.device)["sps"]
             loop = full_loop(script, flags, opts.loop_warmup, opts.loop_warmup + opts.loop_steps, opts.device)
             result.update({"both_sps": loop["sps"], "peak_host_bytes": loop["peak_host_bytes"],
                            "peak_gpu_bytes": loop["peak_gpu_bytes"], "peak_gpu_reserved_bytes": loop["peak_gpu_reserved_bytes"]})
@@ -222,18 +226,21 @@ def markdown(results: list[dict], opts, machine: str) -> str:
              f"{'TF32' if getattr(opts, 'tf32', False) else 'float32'} matmuls and convolutions"
              f"{', lagged actor' if getattr(opts, 'lagged_actor', False) else ''}.",
              f"Command: `python benchmark/speed.py {' '.join(sys.argv[1:])}`", "",
-             "| script | MoE | params | env only (steps/s) | acting (steps/s) | updates/s | learning-bound (steps/s) "
-             "| both (steps/s) | peak host GB | peak GPU GB (allocated / reserved) | replay at 1M (GB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| script | MoE | params | env only (steps/s) | no learning (steps/s) | acting (steps/s) | updates/s "
+             "| learning-bound (steps/s) | both (steps/s) | peak host GB | peak GPU GB (allocated / reserved) "
+             "| replay at 1M (GB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, spec="{:,.0f}": "–" if v is None or (isinstance(v, float) and v != v) else spec.format(v)
     gb = lambda v: fmt(None if v is None else v / 1e9, "{:.2f}")
     for r in results:
         moe = r["moe_type"] + (f" ×{r['num_experts']}" if r["moe_type"] != "baseline" else "")
         lines.append(f"| {r['script']} | {moe} | {r['parameters']:,} | {fmt(r.get('env_only_sps'))} | "
-                     f"{fmt(r.get('acting_sps'))} | {fmt(r['updates_per_s'], '{:,.1f}')} | {fmt(r.get('learning_bound_sps'))} | "
+                     f"{fmt(r.get('no_learning_sps'))} | {fmt(r.get('acting_sps'))} | {fmt(r['updates_per_s'], '{:,.1f}')} | {fmt(r.get('learning_bound_sps'))} | "
                      f"{fmt(r.get('both_sps'))} | {gb(r.get('peak_host_bytes'))} | {gb(r.get('peak_gpu_bytes') or None)} / {gb(r.get('peak_gpu_reserved_bytes') or None)} | "
                      f"{gb(r['replay_bytes_1m'])} |")
-    lines += ["", "learning-bound = updates/s divided by the replay ratio (the steps/s if acting were free); "
+    lines += ["", "no learning = a real run of the script in which learning never starts (with --no-learning-loop: "
+              "the emulator, replay adds and the loop's own work; Rainbow/DER act with their noisy nets, the others "
+              "at random); learning-bound = updates/s divided by the replay ratio (the steps/s if acting were free); "
               "both = a real run of the script after its warm-up."]
     def counts(c: dict) -> str:
         on_gpu = c["launches_per_call"] is not None
@@ -285,6 +292,8 @@ def main() -> None:
     parser.add_argument("--buffer-size", type=int, default=100_000, help="replay capacity of the measured agents")
     parser.add_argument("--profile", type=int, default=0, help="profile this many updates, acting calls and replay adds with torch.profiler (0: off)")
     parser.add_argument("--no-full-loop", dest="full_loop", action="store_false", help="skip the real runs")
+    parser.add_argument("--no-learning-loop", action="store_true",
+                        help="also time a real run of --loop-steps steps in which learning never starts (the loop's cost)")
     parser.add_argument("--loop-warmup", type=int, default=1000, help="agent steps before learning in the real runs")
     parser.add_argument("--loop-steps", type=int, default=2000, help="agent steps timed in the real runs")
     parser.add_argument("--out", default=None, help="write the Markdown table here (and the numbers as .json beside it)")

@@ -73,3 +73,14 @@ def test_gpu_only_options_are_refused_on_the_cpu():
                                 capture_output=True, text=True, timeout=120)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("speed.py: error:") and message in lines[0]
+
+
+def test_no_learning_loop_times_a_real_run_that_never_learns():
+    """--no-learning-loop: a real DQN run whose learning never starts (random acting): its rate comes from the
+    run's own charts/SPS after the first tenth; the table shows it beside the emulator's."""
+    flags = ["--env-id", "Breakout", "--encoder", "nature", "--num-experts", "2", "--buffer-size", "1000"]
+    loop = speed.full_loop("dqn_softmoe", flags, 10**9, 300, "cpu")
+    assert loop["sps"] > 0 and math.isfinite(loop["sps"]) and loop["peak_host_bytes"] > 0
+    row = dict(script="dqn_softmoe", moe_type="softmoe", num_experts=2, parameters=1, updates_per_s=1.0,
+               env_only_sps=900.0, no_learning_sps=700.0, acting_sps=300.0, replay_bytes_1m=1)
+    assert "| dqn_softmoe | softmoe ×2 | 1 | 900 | 700 | 300 | 1.0 |" in speed.markdown([row], types.SimpleNamespace(**OPTS), "m")
