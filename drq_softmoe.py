@@ -1291,6 +1291,8 @@ class EnvTracker:
     def reset_ended(self, envs, was_done, obs):
         """After the auto-reset step of ended episodes: the envs that played `reseed_steps` since their last seeded
         reset are reset again with their next seed; the others go on from ale-py's auto-reset."""
+        if not was_done.any():
+            return obs
         reseed = was_done & (np.array([len(a) for a in self.actions]) >= self.reseed_steps)
         if reseed.any():
             self.segments[reseed] += 1

@@ -40,6 +40,28 @@ def load_script(name: str):
     return module
 
 
+def small_agent(module, num_actions: int = 4, device: str = "cpu", **flags):
+    """(args, agent) of `module.build_agent` with a small Nature-CNN network (2 experts, batch 8) and a replay of 300
+    random transitions, seeded: what the unit tests of a script's update and acting start from."""
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from benchmark.speed import fill_replay
+
+    torch.manual_seed(0)
+    small = dict(encoder="nature", num_experts=2, expert_hidden=16, batch_size=8, cuda=device == "cuda")
+    if module.__name__ == "cql_softmoe":  # no --buffer-size (the dataset sets it); None flags take --agent's values
+        args = module.with_agent_defaults(module.Args(**small, **flags))
+        agent = module.build_agent(args, num_actions, torch.device(device), 400)
+        fill_replay(agent.rb, 300, num_actions)
+        agent.rb.starts = torch.arange(3, 250, device=device)  # FixedReplay samples from the starts load_dataset allows
+    else:
+        args = module.Args(**small, buffer_size=400, **flags)
+        agent = module.build_agent(args, num_actions, torch.device(device))
+        fill_replay(agent.rb, 300, num_actions)
+    return args, agent
+
+
 def run_script(name: str, *flags: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run a script on the CPU as a user would (no terminal, so progress comes as plain lines)."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")

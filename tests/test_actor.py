@@ -4,28 +4,14 @@ updates in flight. On the CPU the lagged semantics are the same (no streams): th
 loop of every online script refreshes exactly where it promises. The GPU case (its own stream) is checked against
 the CPU semantics when a GPU is present."""
 
-import sys
-
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, load_script
-
-sys.path.insert(0, ROOT)
-from benchmark.speed import fill_replay  # noqa: E402
+from conftest import load_script, small_agent
 
 ONLINE = ["dqn_softmoe", "rainbow_softmoe", "der_softmoe", "drq_softmoe"]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def agent_of(module, device="cpu", **flags):
-    torch.manual_seed(0)
-    args = module.Args(encoder="nature", num_experts=2, expert_hidden=16, batch_size=8, buffer_size=400,
-                       cuda=device == "cuda", **flags)
-    agent = module.build_agent(args, 4, torch.device(device))
-    fill_replay(agent.rb, 300, 4)
-    return agent
 
 
 def params(network) -> list[torch.Tensor]:
@@ -38,23 +24,20 @@ def same(a, b) -> bool:
 
 @pytest.mark.parametrize("script", ONLINE)
 def test_default_actor_acts_with_the_online_network(script):
-    agent = agent_of(load_script(script))
+    agent = small_agent(load_script(script))[1]
     assert agent.act.network is agent.q_network and agent.act.state_dict() is None
     states = agent.rb.stack_frames(torch.arange(10, 18), torch.zeros(8, dtype=torch.long)).numpy()
     with torch.no_grad():
         expected = agent.act.policy(agent.q_network, torch.as_tensor(states))
     if script in ("dqn_softmoe", "drq_softmoe"):  # no noise: the greedy actions of the online network
         np.testing.assert_array_equal(agent.act(states), expected.numpy())
-    before = params(agent.q_network)
-    agent.act.refresh()  # a no-op without --lagged-actor
-    assert same(before, params(agent.q_network))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("script", ONLINE)
 def test_lagged_actor_acts_with_the_parameters_of_its_last_refresh(script, device):
     module = load_script(script)
-    agent = agent_of(module, device, lagged_actor=True)
+    agent = small_agent(module, device=device, lagged_actor=True)[1]
     actor = agent.act
     assert actor.network is not agent.q_network
     assert not any(p.requires_grad for p in actor.network.parameters())  # never in the optimizer, never a grad
@@ -177,7 +160,7 @@ def test_cuda_graphed_actor_acts_as_the_policy(script, flags, lagged):
     every batch shape, on the first call (the capture) and on later ones (replays); for every head and MoE kind
     (noisy nets off here: a graph draws other noise than eager; the next test captures them)."""
     module = load_script(script)
-    agent = agent_of(module, "cuda", lagged_actor=lagged, **flags)
+    agent = small_agent(module, device="cuda", lagged_actor=lagged, **flags)[1]
     actor = module.Actor(agent.q_network, agent.act.policy, lagged, graphs=True)
     for batch in (8, 1, 8):
         states = agent.rb.stack_frames(torch.arange(10, 10 + batch, device="cuda"),
@@ -197,7 +180,7 @@ def test_cuda_graphed_noisy_actor_draws_new_noise_at_each_replay(script):
     """Noisy nets inside a captured graph: the capture registers the CUDA generator, so each replay draws new noise
     (the actions of 20 replays on the same states are not all equal) and the actions are valid."""
     module = load_script(script)
-    agent = agent_of(module, "cuda")
+    agent = small_agent(module, device="cuda")[1]
     actor = module.Actor(agent.q_network, agent.act.policy, graphs=True)
     states = agent.rb.stack_frames(torch.arange(10, 18, device="cuda"),
                                    torch.zeros(8, dtype=torch.long, device="cuda")).cpu().numpy()

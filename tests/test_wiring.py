@@ -3,36 +3,18 @@
 and the weights of the loss terms in the gradient step (a flag accepted but ignored would pass everything else)."""
 
 import copy
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, SCRIPTS, load_script
+from conftest import SCRIPTS, load_script, small_agent
 
-sys.path.insert(0, ROOT)
-from benchmark.speed import fill_replay  # noqa: E402
-
-
-def agent_of(module, num_actions=4, **flags):
-    torch.manual_seed(0)
-    if module.__name__ == "cql_softmoe":  # no --buffer-size (the dataset sets it); None flags take --agent's values
-        args = module.with_agent_defaults(module.Args(encoder="nature", num_experts=2, expert_hidden=16, batch_size=8,
-                                                      **flags))
-        agent = module.build_agent(args, num_actions, torch.device("cpu"), 400)
-        fill_replay(agent.rb, 300, num_actions)
-        agent.rb.starts = torch.arange(3, 250)  # FixedReplay samples from the starts load_dataset allows
-    else:
-        args = module.Args(encoder="nature", num_experts=2, expert_hidden=16, batch_size=8, buffer_size=400, **flags)
-        agent = module.build_agent(args, num_actions, torch.device("cpu"))
-        fill_replay(agent.rb, 300, num_actions)
-    return args, agent
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_optimizer_and_replay_take_their_flags(script):
     module = load_script(script)
-    _, agent = agent_of(module, learning_rate=3e-4, adam_eps=2e-3, n_step=5, gamma=0.5)
+    _, agent = small_agent(module, learning_rate=3e-4, adam_eps=2e-3, n_step=5, gamma=0.5)
     group = agent.optimizer.param_groups[0]
     assert (group["lr"], group["eps"], group["betas"]) == (3e-4, 2e-3, (0.9, 0.999))
     assert agent.rb.n_step == 5 and agent.rb.gamma == 0.5
@@ -69,7 +51,7 @@ def same(a, b):
 
 
 def test_dqn_step_uses_the_loss_and_the_load_balancing_weight(dqn):
-    args, agent = agent_of(dqn, moe_type="top1", loss="huber", load_balancing_coef=0.5)
+    args, agent = small_agent(dqn, moe_type="top1", loss="huber", load_balancing_coef=0.5)
 
     def loss(q, target, kind="huber", coef=0.5):
         td, aux, _ = dqn.dqn_loss(q, target, agent.rb.sample(args.batch_size), kind)
@@ -84,7 +66,7 @@ def test_dqn_step_uses_the_loss_and_the_load_balancing_weight(dqn):
 @pytest.mark.parametrize("agent_type", ["cql", "cql-c51"])
 def test_cql_step_weighs_the_cql_term_by_alpha(agent_type):
     cql = load_script("cql_softmoe")
-    args, agent = agent_of(cql, agent=agent_type, moe_type="top1", cql_alpha=2.0, load_balancing_coef=0.5)
+    args, agent = small_agent(cql, agent=agent_type, moe_type="top1", cql_alpha=2.0, load_balancing_coef=0.5)
 
     def loss(q, target, alpha=2.0, coef=0.5):
         td, conservative, aux, _ = cql.offline_losses(q, target, agent.rb.sample(args.batch_size), args)
@@ -101,7 +83,7 @@ def test_rainbow_step_weighs_samples_by_priority_and_the_load_balancing_loss(scr
     """--prioritized: the cross-entropy of each sample weighted by its importance weight from the sum tree (uniform
     weights without it); --load-balancing-coef weighs Top1's auxiliary loss."""
     module = load_script(script)
-    args, agent = agent_of(module, moe_type="top1", load_balancing_coef=0.5)
+    args, agent = small_agent(module, moe_type="top1", load_balancing_coef=0.5)
     rb = agent.rb
     slots = torch.arange(3, 290)
     rb.update_priorities(slots, torch.zeros_like(slots), torch.rand(len(slots)) * 4)  # unequal priorities
@@ -121,7 +103,7 @@ def test_rainbow_step_weighs_samples_by_priority_and_the_load_balancing_loss(scr
 
 def test_drq_step_uses_the_load_balancing_weight():
     drq = load_script("drq_softmoe")
-    args, agent = agent_of(drq, moe_type="top1", load_balancing_coef=0.5)
+    args, agent = small_agent(drq, moe_type="top1", load_balancing_coef=0.5)
 
     def loss(q, target, coef=0.5):
         td, aux, _ = drq.drq_loss(q, agent.rb.sample(args.batch_size), args)
