@@ -868,6 +868,7 @@ class ReplayBuffer:
         self.terminals = torch.zeros((self.size, num_envs), dtype=torch.bool, device=device)
         self.last = torch.zeros((self.size, num_envs), dtype=torch.bool, device=device)
         self.t = 0  # slots written per env so far (the write cursor is t % size)
+        self.deferred = None  # a slot `add(..., defer=True)` holds until the next `flush()`
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         self.discounts = gamma ** torch.arange(n_step + 1, dtype=torch.float32, device=device)
@@ -877,8 +878,22 @@ class ReplayBuffer:
         """Bytes of the storage for `capacity` transitions, computed without allocating it."""
         return capacity * (math.prod(frame_shape) + 1 + 4 + 1 + 1)  # frame, action, reward, terminal, last
 
-    def add(self, frames, actions, rewards, terminals, last):
-        """Write one slot for every env: frames (N, 84, 84) uint8, the rest (N,)."""
+    def add(self, frames, actions, rewards, terminals, last, defer=False):
+        """Write one slot for every env: frames (N, 84, 84) uint8, the rest (N,). With `defer` the slot is written by
+        the next `flush()`, which every read of the replay calls first: the loops flush right after sending the next
+        actions, so the copies overlap the emulators instead of delaying the next action. The arrays must not change."""
+        self.flush()
+        if defer:
+            self.deferred = (frames, actions, rewards, terminals, last)
+        else:
+            self.write(frames, actions, rewards, terminals, last)
+
+    def flush(self) -> None:
+        if self.deferred is not None:
+            deferred, self.deferred = self.deferred, None
+            self.write(*deferred)
+
+    def write(self, frames, actions, rewards, terminals, last):
         slot = self.t % self.size
         pinned = self.frames.is_cuda  # from page-locked memory a copy is asynchronous: it does not wait for the GPU
         for storage, value in zip((self.frames, self.actions, self.rewards, self.terminals, self.last),
@@ -889,6 +904,7 @@ class ReplayBuffer:
 
     def valid_range(self) -> tuple[int, int]:
         """Logical slots [lo, hi] a sample may start at: its stack is not overwritten, its n-step window is written."""
+        self.flush()
         lo = max(0, self.t - self.size + self.stack - 1)
         return lo, self.t - self.n_step - 1
 
@@ -924,7 +940,8 @@ class ReplayBuffer:
         return frames * ~earlier[..., None, None]
 
     def gather(self, idx, envs):
-        """Batch for starts idx: states, actions, n-step clipped returns, bootstrap discounts, next states."""
+        """Batch for starts idx: states, actions, n-step clipped returns, bootstrap discounts, next states (after
+        `sample_indices`, which flushes: `gather` may be compiled)."""
         k = torch.arange(self.n_step, device=self.device)
         slots = (idx[:, None] + k) % self.size
         rewards = self.rewards[slots, envs[:, None]].clamp(-1.0, 1.0)  # reward clipping inside the agent
@@ -950,6 +967,7 @@ class ReplayBuffer:
 
     def state_dict(self) -> dict:
         """Contents and sampler state; only the written part when not yet full (a slice would save everything)."""
+        self.flush()
         filled = min(self.t, self.size)
         keep = (lambda x: x) if filled == self.size else (lambda x: x[:filled].to("cpu", copy=True))  # not on the GPU
         names = ["frames", "actions", "rewards", "terminals", "last"]
@@ -958,6 +976,7 @@ class ReplayBuffer:
     def load_state_dict(self, state: dict) -> None:
         if state["frames"].shape[1:] != self.frames.shape[1:] or state["frames"].shape[0] > self.size:
             raise ValueError(f"replay of shape {tuple(state['frames'].shape)} does not fit this run's replay {tuple(self.frames.shape)}")
+        self.deferred = None  # the loaded contents replace everything, a held slot too
         for k in ["frames", "actions", "rewards", "terminals", "last"]:
             getattr(self, k)[: state[k].shape[0]] = state[k].to(self.device)
         self.t = state["t"]
@@ -1041,8 +1060,8 @@ class PrioritizedReplayBuffer(ReplayBuffer):
     def leaves(self, idx, envs) -> torch.Tensor:
         return (idx % self.size) * self.num_envs + envs
 
-    def add(self, frames, actions, rewards, terminals, last):
-        super().add(frames, actions, rewards, terminals, last)
+    def write(self, frames, actions, rewards, terminals, last):
+        super().write(frames, actions, rewards, terminals, last)
         lo, hi = self.valid_range()
         # no longer valid: the slot just overwritten and the one whose oldest stack frame it held (lo - 1); newly
         # valid: slot hi, whose n-step window is written (a final observation starts no transition). Before hi >= 0
@@ -1062,6 +1081,7 @@ class PrioritizedReplayBuffer(ReplayBuffer):
 
     def sample_indices(self, batch_size):
         """Starts drawn with probability priority / total priority, stratified over the batch; logical slots, envs."""
+        self.flush()
         leaf = self.tree.stratified_sample(batch_size, self.generator)
         slot, envs = leaf // self.num_envs, leaf % self.num_envs
         newest = self.t - 1
@@ -1128,6 +1148,7 @@ def save_replay_dataset(rb, root: str, game: str) -> list:
     episode, terminal 1 on an episode's last transition (a truncation too, as the agent that logged the public data
     did), no final observations, the replay's rewards, checkpoint files of at most 1M transitions. A run is written
     to `replay_logs.tmp` and renamed when complete: a crash never leaves a partial dataset under the final name."""
+    rb.flush()
     filled = min(rb.t, rb.size)
     order = (torch.arange(rb.t - filled, rb.t) % rb.size).numpy()  # the stored slots, oldest first
     game_dir = os.path.join(root, game)
@@ -1461,17 +1482,18 @@ class Progress:
             self.bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True)
 
     def update(self, step: int, returns=()):
-        self.returns.extend(returns)
-        recent = f"{np.mean(self.returns):.1f}" if self.returns else "n/a"
+        self.returns.extend(returns)  # called every agent step: the mean is taken only when shown
+        recent = lambda: f"{np.mean(self.returns):.1f}" if self.returns else "n/a"
         if self.bar is not None:
-            self.bar.set_postfix_str(f"return {recent}", refresh=False)
+            if len(returns):
+                self.bar.set_postfix_str(f"return {recent()}", refresh=False)
             self.bar.update(step - self.bar.n)  # tqdm shows steps/s and the ETA
         elif step >= self.next_print or step >= self.total:
             self.next_print = (step // self.print_every + 1) * self.print_every
             elapsed = time.time() - self.start
             sps = (step - self.start_step) / max(elapsed, 1e-9)
             eta = (self.total - step) / max(sps, 1e-9)
-            print(f"step {step}/{self.total}  SPS {sps:.0f}  return {recent}  elapsed {elapsed:.0f}s  ETA {eta:.0f}s", flush=True)
+            print(f"step {step}/{self.total}  SPS {sps:.0f}  return {recent()}  elapsed {elapsed:.0f}s  ETA {eta:.0f}s", flush=True)
 
     def close(self):
         if self.bar is not None:
@@ -2079,6 +2101,7 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
             actions = np.where(rng.random(args.num_envs) < epsilon, actions, greedy)
         tracker.send(envs, actions)  # the emulators step in ale-py's threads while the learner updates below
         previous_step, global_step = global_step, global_step + args.num_envs  # everything below is logged at this step
+        rb.flush()  # the previous step's slot is written now, while the emulators step (see `rb.add` below)
 
         # learn: `replay_ratio` gradient updates per agent step once the replay holds `learning_starts` steps (the
         # transition in flight joins the replay after them: a one-step lag that lets learning overlap acting)
@@ -2098,7 +2121,7 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
         terminals = lives.step(info["lives"], terminations, was_done)  # game over or life lost: stop bootstrapping
         done = terminations | truncations  # only a game over (or the frame cap) ends the episode
         # store one frame per env; at a reset step that frame is the final observation of the ended episode
-        rb.add(obs[:, -1], actions, rewards, terminals, was_done)
+        rb.add(obs[:, -1], actions, rewards, terminals, was_done, defer=True)  # off the path from recv to send
         episode_return += rewards
         episode_length += ~was_done
         finished = episode_return[done].tolist()

@@ -1,8 +1,11 @@
 """The online scripts act through `Actor` (shared block): by default with the online network itself; with
 --lagged-actor with a copy refreshed just before each round of updates, so that on a GPU acting never waits for the
 updates in flight. On the CPU the lagged semantics are the same (no streams): these tests pin them down, and a real
-loop of every online script refreshes exactly where it promises. The GPU case (its own stream) is checked against
+loop of every online script refreshes exactly where it promises (and writes the replay where it promises: after
+the next send, off the path from observation to action). The GPU case (its own stream) is checked against
 the CPU semantics when a GPU is present."""
+
+import re
 
 import numpy as np
 import pytest
@@ -100,21 +103,59 @@ class Recorder:
         self.actor.load_state_dict(state)
 
 
+class RecordedEnvs:
+    """The training envs, logging `send` and `recv`."""
+
+    def __init__(self, envs, events):
+        self.envs, self.events = envs, events
+
+    def send(self, actions):
+        self.events.append("s")
+        return self.envs.send(actions)
+
+    def recv(self):
+        self.events.append("r")
+        return self.envs.recv()
+
+    def __getattr__(self, name):
+        return getattr(self.envs, name)
+
+
 @pytest.mark.parametrize("script", ONLINE)
 def test_the_loop_refreshes_the_lagged_actor_before_each_round(script, tmp_path, monkeypatch):
     """A real loop (2 envs, replay ratio 0.75: rounds of 1 and 2 updates, no update at some steps): every round of
     updates is preceded by one refresh taking the online parameters of that moment, there is no refresh without a
-    round, and every action is taken with the parameters of the latest refresh, never with the newest."""
+    round, and every action is taken with the parameters of the latest refresh, never with the newest. The replay
+    is written where the loop promises: each step's slot after the next step's send (while the emulators step),
+    before that step's updates; nothing between a recv and the next send, the path from observation to action."""
     module = load_script(script)
-    events = []
-    build = module.build_agent
+    events, io = [], []
+    build, make_env = module.build_agent, module.make_env
 
     def recorded_build(*args):
         agent = build(*args)
         agent.act = Recorder(agent, events)
+        write, update = agent.rb.write, agent.update
+
+        def recorded_write(*transition):
+            io.append("w")
+            write(*transition)
+
+        def recorded_update():
+            io.append("u")
+            return update()
+
+        agent.rb.write, agent.update = recorded_write, recorded_update
         return agent
 
+    def recorded_make_env(*args, **kwargs):  # the first envs made are the training envs
+        envs = make_env(*args, **kwargs)
+        made.append(envs)
+        return RecordedEnvs(envs, io) if len(made) == 1 else envs
+
+    made = []
     monkeypatch.setattr(module, "build_agent", recorded_build)
+    monkeypatch.setattr(module, "make_env", recorded_make_env)
     flags = dict(encoder="nature", num_experts=2, expert_hidden=16, batch_size=8, buffer_size=2000, num_envs=2,
                  env_id="Breakout", learning_starts=100, total_timesteps=160, replay_ratio=0.75, lagged_actor=True,
                  runs_dir=str(tmp_path), metrics_every=0, log_every=1000, print_every=1000, cuda=False)
@@ -127,6 +168,10 @@ def test_the_loop_refreshes_the_lagged_actor_before_each_round(script, tmp_path,
     args = module.Args(**flags)
     module.main(args, *module.prepare(args)[:2])
 
+    steps = "".join(io).split("s")
+    assert steps[0] == "" and steps[1] == "r" and len(steps) == 161 // 2 + 1  # the first step has nothing held
+    assert all(re.fullmatch("wu*r", step) for step in steps[2:]), steps
+    assert sum(step.count("u") for step in steps) >= 20
     kinds = [kind for kind, _ in events]
     assert kinds.count("update") >= 20 and kinds.count("act") >= 20
     rounds = "".join({"act": "a", "refresh": "r", "update": "u"}[k] for k in kinds).split("a")

@@ -1,5 +1,8 @@
 """Replay memory: one frame per step, stacks rebuilt at sampling time, n-step returns, the write cursor (SPEC §5)."""
 
+import gzip
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -181,3 +184,51 @@ def test_rebuilt_stacks_equal_what_a_real_env_returned(dqn):
             assert discounts[k] == 0
         else:
             assert discounts[k] > 0 and torch.equal(next_states[k], seen[j, e])
+
+
+@pytest.mark.parametrize("script,kind", [("dqn_softmoe", "ReplayBuffer"), ("rainbow_softmoe", "PrioritizedReplayBuffer")])
+def test_a_deferred_add_reads_as_an_immediate_one(script, kind, tmp_path):
+    """The loops add each step with `defer=True` and flush after the next send. Until then nothing is written; every
+    read (valid range, sampling, priorities, state_dict, the dataset writer) flushes first, so a replay fed deferred
+    adds is read exactly as one fed immediate adds, whatever reads come between the adds."""
+    from conftest import load_script
+
+    module = load_script(script)
+    make = getattr(module, kind)
+    now, later = make(300, 2, "cpu", n_step=3, seed=0), make(300, 2, "cpu", n_step=3, seed=0)
+    rng = np.random.default_rng(0)
+    for t in range(260):
+        step = (rng.integers(0, 256, (2, 84, 84), dtype=np.uint8), rng.integers(4, size=2), rng.normal(size=2),
+                rng.random(2) < 0.05, rng.random(2) < 0.05)
+        now.add(*step)
+        later.add(*step, defer=True)
+        slot = (now.t - 1) % now.size  # held, not written (it still holds zeros or, after a wrap, an older frame)
+        assert later.t == now.t - 1 and not torch.equal(later.frames[slot], now.frames[slot])
+        read = t % 4
+        if read == 0 and t > 40:  # sampling first: no other read flushes before it
+            for rb in (now, later):
+                rb.batch = rb.sample(16)
+                if kind == "PrioritizedReplayBuffer":  # the loop's update: new priorities for the batch
+                    idx, envs = rb.sample_indices(16)
+                    rb.update_priorities(idx, envs, torch.arange(16.0) + t)
+            for a, b in zip(now.batch, later.batch, strict=True):
+                assert torch.equal(a, b)
+        elif read == 1:
+            a, b = now.state_dict(), later.state_dict()
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+        elif read == 2:
+            later.flush()  # where the loop flushes
+            assert later.t == now.t
+        else:
+            assert later.valid_range() == now.valid_range() and later.t == now.t
+    written = [module.save_replay_dataset(rb, str(tmp_path / name), "pong") for name, rb in (("now", now), ("later", later))]
+    later.add(*step, defer=True)  # a held slot is dropped by a load: the loaded contents replace everything
+    later.load_state_dict(now.state_dict())
+    assert later.t == now.t and later.deferred is None
+    assert len(written[0]) == 2
+    for a, b in zip(*written, strict=True):
+        files = sorted(os.path.relpath(os.path.join(d, f), a) for d, _, names in os.walk(a) for f in names)
+        assert files and files == sorted(os.path.relpath(os.path.join(d, f), b) for d, _, names in os.walk(b) for f in names)
+        for name in files:  # the gzip headers hold the time of writing: compare the contents
+            with gzip.open(os.path.join(a, name)) as fa, gzip.open(os.path.join(b, name)) as fb:
+                assert fa.read() == fb.read(), name
