@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import load_script
+
 
 def label(t, env=0):
     """A frame whose pixels all equal a value identifying (time, env); never 0, so zero frames mean padding."""
@@ -191,8 +193,6 @@ def test_a_deferred_add_reads_as_an_immediate_one(script, kind, tmp_path):
     """The loops add each step with `defer=True` and flush after the next send. Until then nothing is written; every
     read (valid range, sampling, priorities, state_dict, the dataset writer) flushes first, so a replay fed deferred
     adds is read exactly as one fed immediate adds, whatever reads come between the adds."""
-    from conftest import load_script
-
     module = load_script(script)
     make = getattr(module, kind)
     now, later = make(300, 2, "cpu", n_step=3, seed=0), make(300, 2, "cpu", n_step=3, seed=0)
