@@ -211,13 +211,25 @@ def make_env(rom: str, num_envs: int, protocol: str, max_episode_frames: int = 1
 
 
 # === shared: encoders ===
+def same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow 'SAME' padding of one axis: output size ceil(in/stride); an odd total puts the extra pixel last."""
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
 def same_pad(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> torch.Tensor:
-    """TensorFlow 'SAME' padding: output size ceil(in/stride); an odd total pad puts the extra pixel bottom/right."""
-    pads = []
-    for size in (x.shape[-1], x.shape[-2]):
-        total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
-        pads += [total // 2, total - total // 2]
-    return F.pad(x, pads, value=value)
+    """`x` padded explicitly for a 'SAME' window (a copy: the layers below avoid it where they can)."""
+    (top, bottom), (left, right) = (same_pads(size, kernel, stride) for size in x.shape[-2:])
+    return F.pad(x, [left, right, top, bottom], value=value)
+
+
+def same_max_pool(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """Max-pool with 'SAME' padding that never wins the max. Odd kernels: PyTorch pads the leading side itself and
+    `ceil_mode` adds the window over the extra last pixel, so x is not copied (one kernel less per call on a GPU)."""
+    if kernel % 2 == 0:
+        return F.max_pool2d(same_pad(x, kernel, stride, value=-math.inf), kernel, stride)
+    padding = tuple(same_pads(size, kernel, stride)[0] for size in x.shape[-2:])
+    return F.max_pool2d(x, kernel, stride, padding, ceil_mode=True)
 
 
 def xavier_uniform_(weight: torch.Tensor, groups: int = 1) -> None:
@@ -245,7 +257,10 @@ class SameConv2d(nn.Conv2d):
         nn.init.zeros_(self.bias)
 
     def forward(self, x):
-        return super().forward(same_pad(x, self.kernel_size[0], self.stride[0]))
+        (top, bottom), (left, right) = (same_pads(size, self.kernel_size[0], self.stride[0]) for size in x.shape[-2:])
+        if self.stride == (1, 1) and top == bottom and left == right:  # pads itself: no padded copy (Impala's convs)
+            return F.conv2d(x, self.weight, self.bias, self.stride, (top, left), 1, self.groups)
+        return super().forward(F.pad(x, [left, right, top, bottom]))
 
 
 class ImpalaStack(nn.Module):
@@ -261,7 +276,7 @@ class ImpalaStack(nn.Module):
 
     def forward(self, x):
         x = self.conv(x)
-        x = F.max_pool2d(same_pad(x, 3, 2, value=-math.inf), 3, 2)  # -inf: padding never wins the max
+        x = same_max_pool(x, 3, 2)
         for conv_a, conv_b in self.blocks:
             x = x + conv_b(F.relu(conv_a(F.relu(x))))
         return x

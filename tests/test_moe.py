@@ -210,6 +210,38 @@ def test_same_padding_matches_tensorflow(dqn, size, kernel, stride, pads):
     assert (padded.shape[-1] - kernel) // stride + 1 == math.ceil(size / stride)  # TF: out = ceil(in / stride)
 
 
+@pytest.mark.parametrize("size,kernel,stride,groups", [(84, 3, 1, 1), (42, 3, 1, 2), (21, 4, 1, 1), (11, 6, 1, 1),
+                                                        (84, 8, 4, 2), (21, 4, 2, 1), (11, 3, 1, 1), (20, 5, 3, 1)])
+def test_same_conv_is_a_convolution_of_the_padded_input(dqn, size, kernel, stride, groups):
+    # symmetric pads go to the convolution itself, asymmetric ones are explicit: both must be TF 'SAME'
+    torch.manual_seed(0)
+    conv = dqn.SameConv2d(2 * groups, 3 * groups, kernel, stride, groups)
+    torch.nn.init.normal_(conv.bias)
+    x = torch.randn(2, 2 * groups, size, size + 1)
+    expected = torch.nn.functional.conv2d(dqn.same_pad(x, kernel, stride), conv.weight, conv.bias, stride, 0, 1, groups)
+    assert expected.shape[-2:] == (math.ceil(size / stride), math.ceil((size + 1) / stride))
+    torch.testing.assert_close(conv(x), expected)
+
+
+@pytest.mark.parametrize("kernel", [2, 3, 4, 5])
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_same_max_pool_is_a_max_pool_of_the_minus_infinity_padded_input(dqn, kernel, stride):
+    torch.manual_seed(0)
+    for size in [84, 42, 21, 11, 10, 7, 6, 5]:  # the Impala stacks pool 84, 42 and 21 with 3x3/2
+        x = torch.randn(1, 2, size, size + 1) - 10.0  # all negative: a zero padding would win the max
+        expected = torch.nn.functional.max_pool2d(dqn.same_pad(x, kernel, stride, value=-math.inf), kernel, stride)
+        assert torch.equal(dqn.same_max_pool(x, kernel, stride), expected), size
+
+
+@pytest.mark.parametrize("name,copies", [("impala", 0), ("nature", 2)])
+def test_encoders_pad_by_copying_only_for_strided_convolutions(dqn, name, copies):
+    # a padded copy is a fill and a copy kernel on a GPU; only the Nature CNN's 8x8/4 and 4x4/2 still make one
+    encoder = dqn.make_encoder(name, 1, 3)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        encoder(torch.rand(1, 4, 84, 84))
+    assert sum(event.name == "aten::constant_pad_nd" for event in prof.events()) == copies
+
+
 @pytest.mark.parametrize("name,scale,filt,channels", [("impala", 1, 3, 32), ("impala", 2, 3, 64), ("impala", 1, 4, 32),
                                                       ("impala", 1, 6, 32), ("nature", 1, 3, 64)])
 def test_encoder_output_is_11x11(dqn, name, scale, filt, channels):
