@@ -65,16 +65,21 @@ phase() {  # phase NAME [speed.py flags...]: one table, its log, and a line sayi
   echo "== $name took $((SECONDS - start)) s"
 }
 
+gpu_tests() {  # the GPU cases of a test file: each failure's line and the summary (pytest.ini already adds -q)
+  python3 -m pytest -p no:cacheprovider -rfE "$@" 2>&1 | grep -E "^(FAILED|ERROR) | (passed|failed|skipped|deselected|error)" \
+    | tail -n 20
+}
+
 for p in "${phases[@]}"; do
   case $p in
     envs1) phase envs1 --scripts dqn_softmoe rainbow_softmoe --moe-types baseline softmoe --num-envs 1 ;;
     lagged)
-      python3 -m pytest -p no:cacheprovider -q tests/test_actor.py -k cuda 2>&1 | tail -3
+      gpu_tests tests/test_actor.py -k cuda
       phase lagged --scripts dqn_softmoe rainbow_softmoe --moe-types softmoe --num-envs 1 --lagged-actor \
         --no-learning-loop ;;
     envs8) phase envs8 --scripts dqn_softmoe rainbow_softmoe --moe-types baseline softmoe --num-envs 8 ;;
     compile)  # compiled = eager on the GPU (CUDA graphs too; the GPU cases only), then the compiled speed
-      python3 -m pytest -p no:cacheprovider -q tests/test_compile.py -k "cuda or gpu or tf32" 2>&1 | tail -5
+      gpu_tests tests/test_compile.py -k "cuda or gpu or tf32"
       phase compile --scripts dqn_softmoe rainbow_softmoe --moe-types softmoe --num-envs 1 --compile --profile 20 ;;
     graphs)
       phase graphs --scripts dqn_softmoe rainbow_softmoe --moe-types softmoe --num-envs 1 --compile \
