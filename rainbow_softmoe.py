@@ -936,6 +936,7 @@ class SumTree:
         self.depth = max(1, math.ceil(math.log2(capacity)))
         self.first_leaf = 2**self.depth
         self.nodes = torch.zeros(2 * self.first_leaf, dtype=torch.float64, device=device)
+        self.levels = torch.arange(1, self.depth + 1, device=device)[:, None]  # node >> level: its ancestor
 
     def compile(self) -> None:
         """Fuse the level loops (eagerly 4-8 kernels per level): `find` becomes one kernel that walks all levels,
@@ -956,9 +957,8 @@ class SumTree:
         last = ((leaf[:, None] == leaf[None, :]) * torch.arange(len(leaf), device=leaf.device)).amax(1)
         self.nodes[node] = value.to(self.nodes.dtype)[last]
         children = self.nodes.view(-1, 2)  # row k: the sums of node k's children 2k and 2k + 1
-        for _ in range(self.depth):
-            node = node // 2
-            self.nodes[node] = children[node].sum(1)
+        for parents in (node >> self.levels).unbind():  # every level's ancestors at once: no kernel per level for them
+            self.nodes[parents] = children[parents].sum(1)
 
     def find(self, query: torch.Tensor) -> torch.Tensor:
         """Leaf whose interval of the cumulative sum holds each query in [0, total); never a zero-priority leaf."""
