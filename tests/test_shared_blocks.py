@@ -5,6 +5,7 @@ must have the same text wherever they appear, the core blocks must appear in eve
 components must give identical outputs for identical parameters and inputs.
 """
 
+import copy
 import os
 import re
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, SCRIPTS, load_script
+from conftest import ROOT, SCRIPTS, load_script, small_agent
 
 CORE = ["environment", "encoders", "tokenize", "Experts", "SoftMoE", "Top1MoE", "ReplayBuffer", "metrics", "progress",
         "checkpoint"]
@@ -128,3 +129,21 @@ def test_a_checkpoint_of_the_other_device_resumes(script):
     module.load_optimizer(resumed, state, torch.device("cpu"))
     resumed.step()  # with capturable=True on the CPU, Adam refuses to step
     assert resumed.param_groups[0]["capturable"] is False and int(resumed.state[p]["step"]) == 2
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_cpu_networks_are_channels_last_and_compute_what_channels_first_ones_do(script):
+    """On the CPU build_agent lays every convolution weight out channels-last (oneDNN's fast layout); the Q-values are
+    those of the same network channels-first, up to rounding."""
+    module = load_script(script)
+    _, agent = small_agent(module)
+    networks = [n for n in (agent.q_network, getattr(agent, "target_network", None)) if n is not None]  # DrQ: none
+    states = torch.randint(0, 256, (3, 4, 84, 84), dtype=torch.uint8)
+    for network in networks:
+        weights = [p for p in network.parameters() if p.dim() == 4]
+        assert weights and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in weights)
+        reference = copy.deepcopy(network).to(memory_format=torch.contiguous_format)
+        assert all(p.is_contiguous() for p in reference.parameters())
+        network.eval(), reference.eval()  # no noisy-net noise
+        with torch.no_grad():
+            torch.testing.assert_close(network(states), reference(states), rtol=1e-5, atol=1e-5)
