@@ -21,7 +21,8 @@
 #             with --lagged-actor too (graphs-lagged.md: the setting meant to reach 80% of the env-only rate), and
 #             with --tf32 (tf32.md)
 #   atari100k der/drq, Impala, Soft MoE x8 (the slower network), 1 env, and der with --lagged-actor: a 100k run's time
-#   profile   rainbow/der Soft MoE x8, Impala: 20 updates, acts and adds under torch.profiler (kernel launches per call)
+#   profile   rainbow/der Soft MoE x8, Impala: 20 updates, acts and adds under torch.profiler (kernel launches per call),
+#             then benchmark/layers.py (padding and channels-last vs channels-first, the sum tree; in numbers.tar)
 # Each phase writes $OUT/<phase>.md (benchmark/speed.py --out); its .json numbers go into $OUT/numbers.tar as soon as
 # it ends (with machine.txt, at most 8 files for all phases: the device tool brings back 8); copy them to
 # benchmark/results/speed/<gpu>-<phase>.md and commit. QUICK=1 shrinks every count (a smoke test of this file
@@ -94,7 +95,9 @@ for p in "${phases[@]}"; do
       phase atari100k --scripts der_softmoe drq_softmoe --moe-types softmoe --num-envs 1
       phase atari100k-lagged --scripts der_softmoe --moe-types softmoe --num-envs 1 --lagged-actor ;;
     profile) phase profile --scripts rainbow_softmoe der_softmoe --moe-types softmoe --num-envs 1 --no-full-loop \
-      --profile 20 ;;
+      --profile 20
+      python3 benchmark/layers.py --device "$device" > "$OUT/layers.md" 2>&1; tail -n 25 "$OUT/layers.md"
+      (cd "$OUT" && tar -rf numbers.tar ./layers.md && rm -f ./layers.md) ;;  # the 8 files that come back are taken
   esac
 done
 ls -l "$OUT"

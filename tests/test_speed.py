@@ -6,6 +6,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -84,3 +85,23 @@ def test_no_learning_loop_times_a_real_run_that_never_learns():
     row = dict(script="dqn_softmoe", moe_type="softmoe", num_experts=2, parameters=1, updates_per_s=1.0,
                env_only_sps=900.0, no_learning_sps=700.0, acting_sps=300.0, replay_bytes_1m=1)
     assert "| dqn_softmoe | softmoe ×2 | 1 | 900 | 700 | 300 | 1.0 |" in speed.markdown([row], types.SimpleNamespace(**OPTS), "m")
+
+
+def test_layer_timings_cover_both_paddings_and_layouts_and_restore_the_script():
+    from benchmark import layers
+
+    module = layers.load_script_module("rainbow_softmoe")
+    conv_forward, pool = module.SameConv2d.forward, module.same_max_pool
+    x = torch.rand(2, 4, 21, 21)
+    conv = module.SameConv2d(4, 8, 3)
+    with layers.explicit_padding(module):  # the old way, copies and all, computes the same
+        assert module.SameConv2d.forward is not conv_forward
+        explicit = module.same_max_pool(conv(x), 3, 2)
+    assert module.SameConv2d.forward is conv_forward and module.same_max_pool is pool
+    torch.testing.assert_close(module.same_max_pool(conv(x), 3, 2), explicit)
+    lines = layers.main(["--calls", "1", "--repeats", "1"])
+    rows = [line for line in lines if line.startswith("| impala") or line.startswith("| nature")]
+    cases = {tuple(row.strip("| ").split(" | ")[:3]) for row in rows}
+    assert len(rows) == 8 and cases == {(e, w, p) for e in ("impala", "nature") for w in ("channels-first", "channels-last")
+                                        for p in ("scripts", "explicit")}
+    assert any(line.startswith("| 32 leaves |") for line in lines)
