@@ -95,6 +95,8 @@ def main(argv=None) -> list[str]:
     parser.add_argument("--calls", type=int, default=50, help="calls per timing (a fifth of it for batch-32 passes)")
     parser.add_argument("--repeats", type=int, default=5, help="timings per figure; the best is reported")
     opts = parser.parse_args(argv)
+    if opts.device not in ("cpu", "cuda") or (opts.device == "cuda" and not torch.cuda.is_available()):
+        parser.error(f"--device {opts.device}: use cpu, or cuda on a machine whose torch sees a GPU")
     device = torch.device(opts.device)
     module = load_script_module(opts.script)
     command = " ".join(["python benchmark/layers.py", *(argv if argv is not None else sys.argv[1:])])
