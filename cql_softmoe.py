@@ -69,7 +69,9 @@ class Args:
     checkpoints: tuple[int, ...] = ()
     """dataset checkpoints to use (the N of `*_ckpt.N.gz`, 0-50 in the public dataset); default: all present"""
     data_fraction: float = 0.05
-    """share of each checkpoint's transitions loaded: its first rows, as the reference loaders (paper: 0.05, 0.1, 0.5)"""
+    """share of each checkpoint's transitions loaded, chosen by --data-selection (paper: 0.05, 0.1, 0.5)"""
+    data_selection: Literal["random", "first"] = "random"
+    """which part: whole episodes drawn at random, seeded by seed, run and checkpoint (paper §5.1), or the first rows (the reference loaders)"""
     checkpoints_per_iteration: int = 0
     """0: load the whole fraction once; K: reload K random checkpoints' fraction every iteration (the reference's .gz loader: 5)"""
 
@@ -925,11 +927,42 @@ def read_npy_header(path: str, f=None) -> tuple:
     return shape, dtype, f.tell()
 
 
-def scan_dataset(run_dirs: dict, checkpoints, fraction: float, num_actions: int) -> list:
+def random_episodes(terminal: np.ndarray, cursor: int, stored: int, rows: int, draw: np.random.Generator) -> list:
+    """`rows` of a checkpoint's `stored` transitions as whole episodes drawn at random without replacement (the last
+    one drawn cut to its first rows to fit), as chronologically ordered pieces [a, b) of file rows. An episode runs
+    from the row after a terminal (Dopamine's 3 zero transitions come first) to its terminal; the checkpoint's oldest
+    and newest rows may cut one. Adjacent episodes join one piece; a piece is split where a circular file wraps."""
+    capacity = len(terminal)
+    wrap = capacity - cursor  # chronological position p is row cursor + p before the wrap, p - wrap after it
+    chronological = np.concatenate([terminal[cursor:], terminal[:cursor]])[:stored]
+    bounds = np.unique(np.concatenate([[0], np.flatnonzero(chronological) + 1, [stored]]))
+    picked, left = [], rows
+    for i in draw.permutation(len(bounds) - 1):
+        if left <= 0:
+            break
+        p0, p1 = int(bounds[i]), int(min(bounds[i + 1], bounds[i] + left))
+        picked.append([p0, p1])
+        left -= p1 - p0
+    merged = []
+    for p0, p1 in sorted(picked):
+        if merged and merged[-1][1] == p0:
+            merged[-1][1] = p1
+        else:
+            merged.append([p0, p1])
+    pieces = []
+    for p0, p1 in merged:
+        pieces += [(cursor + a, cursor + b) for a, b in [(p0, min(p1, wrap))] if a < b]
+        pieces += [(a - wrap, b - wrap) for a, b in [(max(p0, wrap), p1)] if a < b]
+    return pieces
+
+
+def scan_dataset(run_dirs: dict, checkpoints, fraction: float, num_actions: int, selection: str = "first",
+                 seed: int = 0) -> list:
     """Find and check every file of the chosen runs {number: directory} and checkpoints (all present if empty), all but
-    the frames themselves, which `load_dataset` reads. From each checkpoint the first `fraction` of its stored
-    transitions is used, as the reference loaders take a fraction (batch_rl and Dopamine's JaxFixedReplayBuffer keep
-    `store[:capacity]` of each checkpoint; the CQL code the first 10,000 of each for 1%). Returns one record per
+    the frames themselves, which `load_dataset` reads. From each checkpoint a `fraction` of its stored transitions is
+    used: `selection` "random", whole episodes drawn at random (paper §5.1: "drawn randomly"; seeded by seed, run and
+    checkpoint), or "first", its first rows, as the reference loaders (batch_rl and Dopamine's JaxFixedReplayBuffer
+    keep `store[:capacity]` of each checkpoint; the CQL code the first 10,000 of each for 1%). Returns one record per
     checkpoint: its file, the rows to load as chronologically contiguous pieces [a, b) and their actions, rewards,
     terminals."""
     records = []
@@ -965,9 +998,12 @@ def scan_dataset(run_dirs: dict, checkpoints, fraction: float, num_actions: int)
             stored = min(add_count, capacity)  # a buffer that never filled up holds add_count transitions
             rows = int(fraction * stored + 0.5)
             cursor = add_count % capacity if add_count >= capacity > 0 else 0
-            # rows [0, rows): oldest first they are [cursor, rows) then [0, min(cursor, rows)), two pieces if the
-            # buffer had wrapped around inside them (the public checkpoints wrap at their last row: one piece)
-            chunks = [(a, b) for a, b in ((cursor, rows), (0, min(cursor, rows))) if a < b]
+            if selection == "random":
+                draw = np.random.default_rng([seed % 2**32, run, checkpoint])
+                chunks = random_episodes(columns["terminal"], cursor, stored, rows, draw)
+            else:  # rows [0, rows): oldest first [cursor, rows) then [0, min(cursor, rows)), two pieces if the buffer
+                # had wrapped around inside them (the public checkpoints wrap at their last row: one piece)
+                chunks = [(a, b) for a, b in ((cursor, rows), (0, min(cursor, rows))) if a < b]
             picked = {name: np.concatenate([column[a:b] for a, b in chunks] or [column[:0]]) for name, column in columns.items()}
             bad = {"action": (picked["action"] < 0) | (picked["action"] >= num_actions),
                    "reward": ~np.isfinite(picked["reward"]), "terminal": picked["terminal"] > 1}
@@ -998,8 +1034,9 @@ def scan_dataset(run_dirs: dict, checkpoints, fraction: float, num_actions: int)
 def load_dataset(rb, records: list, workers: int = 8) -> torch.Tensor:
     """Fill `rb` (one env) with the records' transitions, piece after piece, and return the logical slots a sample may
     start at. As in Dopamine's sampler, a piece's first 3 slots only complete stacks and its last n only end n-step
-    windows, and the 3 zero transitions after a terminal become `last` slots: no start, stack or window ever
-    crosses from one checkpoint (or one piece of it) into another. Frames are read in parallel, only the loaded rows."""
+    windows (unless a terminal in the piece ends theirs), and the 3 zero transitions after a terminal become `last`
+    slots: no start, stack or window ever crosses from one checkpoint (or one piece of it) into another. Frames are
+    read in parallel, up to each file's last loaded row."""
     offset, starts, jobs = 0, [], []
     for record in records:
         placed, start = [], 0
@@ -1016,18 +1053,23 @@ def load_dataset(rb, records: list, workers: int = 8) -> torch.Tensor:
             rb.last[slots, 0] = torch.as_tensor(pad, device=rb.device)
             valid = ~pad
             valid[: rb.stack - 1] = False  # their stacks would reach before the piece (Dopamine: index >= stack - 1)
-            valid[max(b - a - rb.n_step, 0):] = False  # their windows would pass its end (Dopamine: cursor - n)
+            # windows that would pass its end (Dopamine: cursor - n), unless a terminal of the piece ends them first
+            # (a drawn episode's last n transitions)
+            ends_inside = np.flip(np.logical_or.accumulate(np.flip(terminal)))  # a terminal at or after the slot
+            valid[max(b - a - rb.n_step, 0):] &= ends_inside[max(b - a - rb.n_step, 0):]
             starts.append(offset + np.flatnonzero(valid))
             placed.append((a, b, offset))
             offset, start = offset + b - a, start + b - a
         jobs.append((record["observation"], placed))
 
     def read_frames(path, placed):
-        rows = max((b for _, b, _ in placed), default=0)
+        placed = sorted(placed)  # by row: the pieces a block of rows reaches are consecutive
+        ends = np.array([b for _, b, _ in placed])
+        rows = max(ends, default=0)
         try:
             with gzip.open(path, "rb") as f:
                 read_npy_header(path, f)
-                for first in range(0, rows, 4096):  # only rows [0, rows): the fraction is each file's first rows
+                for first in range(0, rows, 4096):  # rows [0, rows): up to the last row loaded
                     block = bytearray((min(first + 4096, rows) - first) * 84 * 84)
                     view, got = memoryview(block), 0
                     while got < len(block):
@@ -1036,10 +1078,11 @@ def load_dataset(rb, records: list, workers: int = 8) -> torch.Tensor:
                             raise EOFError("the file ends before its last frame")
                         got += n
                     frames = torch.from_numpy(np.frombuffer(block, np.uint8).reshape(-1, 84, 84))
-                    for a, b, at in placed:
+                    for a, b, at in placed[np.searchsorted(ends, first, side="right"):]:
+                        if a >= first + len(frames):
+                            break
                         lo, hi = max(a, first), min(b, first + len(frames))
-                        if lo < hi:
-                            rb.frames[at + lo - a: at + hi - a, 0] = frames[lo - first: hi - first].to(rb.device)
+                        rb.frames[at + lo - a: at + hi - a, 0] = frames[lo - first: hi - first].to(rb.device)
         except Exception as error:
             raise dataset_read_error(path, error) from None
 
@@ -1589,7 +1632,8 @@ def prepare(args: Args):
                                f"{', '.join(map(str, sorted(present)))}")
     # one DQN run per training run, as the reference code and Table 3 (5% = 2.5M of one run's 50M transitions)
     runs = args.runs or [sorted(present)[(args.seed - 1) % len(present)]]
-    records = scan_dataset({r: present[r] for r in runs}, args.checkpoints, args.data_fraction, num_actions)
+    records = scan_dataset({r: present[r] for r in runs}, args.checkpoints, args.data_fraction, num_actions,
+                           args.data_selection, args.seed)
     capacity = replay_capacity(records, args.checkpoints_per_iteration)
     if capacity < args.n_step + 5 or not any(r["rows"] >= args.n_step + 4 for r in records):
         raise DatasetError(f"{game_dir}: the selected part ({capacity} transitions of runs {list(runs)}) holds no "
@@ -1686,7 +1730,7 @@ def main(args: Args, rom: str, run_dir: str, checkpoint, records: list, num_acti
     runs = sorted({r["run"] for r in records})
     print(f"{run_dir}: {rom}, {num_actions} actions, {args.agent}, {sum(p.numel() for p in q_network.parameters()):,} "
           f"parameters, device {device}; data: run(s) {', '.join(map(str, runs))}, {len(records)} checkpoint(s), "
-          f"{sum(r['rows'] for r in records):,} transitions ({args.data_fraction:g} of each)"
+          f"{sum(r['rows'] for r in records):,} transitions ({args.data_fraction:g} of each, {args.data_selection})"
           + (", --compile: the first updates compile, a minute or more" if args.compile else "")
           + (f", resumed at gradient step {global_step}" if checkpoint else ""), flush=True)
     if args.resume == "auto" and checkpoint is None:

@@ -956,11 +956,42 @@ def read_npy_header(path: str, f=None) -> tuple:
     return shape, dtype, f.tell()
 
 
-def scan_dataset(run_dirs: dict, checkpoints, fraction: float, num_actions: int) -> list:
+def random_episodes(terminal: np.ndarray, cursor: int, stored: int, rows: int, draw: np.random.Generator) -> list:
+    """`rows` of a checkpoint's `stored` transitions as whole episodes drawn at random without replacement (the last
+    one drawn cut to its first rows to fit), as chronologically ordered pieces [a, b) of file rows. An episode runs
+    from the row after a terminal (Dopamine's 3 zero transitions come first) to its terminal; the checkpoint's oldest
+    and newest rows may cut one. Adjacent episodes join one piece; a piece is split where a circular file wraps."""
+    capacity = len(terminal)
+    wrap = capacity - cursor  # chronological position p is row cursor + p before the wrap, p - wrap after it
+    chronological = np.concatenate([terminal[cursor:], terminal[:cursor]])[:stored]
+    bounds = np.unique(np.concatenate([[0], np.flatnonzero(chronological) + 1, [stored]]))
+    picked, left = [], rows
+    for i in draw.permutation(len(bounds) - 1):
+        if left <= 0:
+            break
+        p0, p1 = int(bounds[i]), int(min(bounds[i + 1], bounds[i] + left))
+        picked.append([p0, p1])
+        left -= p1 - p0
+    merged = []
+    for p0, p1 in sorted(picked):
+        if merged and merged[-1][1] == p0:
+            merged[-1][1] = p1
+        else:
+            merged.append([p0, p1])
+    pieces = []
+    for p0, p1 in merged:
+        pieces += [(cursor + a, cursor + b) for a, b in [(p0, min(p1, wrap))] if a < b]
+        pieces += [(a - wrap, b - wrap) for a, b in [(max(p0, wrap), p1)] if a < b]
+    return pieces
+
+
+def scan_dataset(run_dirs: dict, checkpoints, fraction: float, num_actions: int, selection: str = "first",
+                 seed: int = 0) -> list:
     """Find and check every file of the chosen runs {number: directory} and checkpoints (all present if empty), all but
-    the frames themselves, which `load_dataset` reads. From each checkpoint the first `fraction` of its stored
-    transitions is used, as the reference loaders take a fraction (batch_rl and Dopamine's JaxFixedReplayBuffer keep
-    `store[:capacity]` of each checkpoint; the CQL code the first 10,000 of each for 1%). Returns one record per
+    the frames themselves, which `load_dataset` reads. From each checkpoint a `fraction` of its stored transitions is
+    used: `selection` "random", whole episodes drawn at random (paper §5.1: "drawn randomly"; seeded by seed, run and
+    checkpoint), or "first", its first rows, as the reference loaders (batch_rl and Dopamine's JaxFixedReplayBuffer
+    keep `store[:capacity]` of each checkpoint; the CQL code the first 10,000 of each for 1%). Returns one record per
     checkpoint: its file, the rows to load as chronologically contiguous pieces [a, b) and their actions, rewards,
     terminals."""
     records = []
@@ -996,9 +1027,12 @@ def scan_dataset(run_dirs: dict, checkpoints, fraction: float, num_actions: int)
             stored = min(add_count, capacity)  # a buffer that never filled up holds add_count transitions
             rows = int(fraction * stored + 0.5)
             cursor = add_count % capacity if add_count >= capacity > 0 else 0
-            # rows [0, rows): oldest first they are [cursor, rows) then [0, min(cursor, rows)), two pieces if the
-            # buffer had wrapped around inside them (the public checkpoints wrap at their last row: one piece)
-            chunks = [(a, b) for a, b in ((cursor, rows), (0, min(cursor, rows))) if a < b]
+            if selection == "random":
+                draw = np.random.default_rng([seed % 2**32, run, checkpoint])
+                chunks = random_episodes(columns["terminal"], cursor, stored, rows, draw)
+            else:  # rows [0, rows): oldest first [cursor, rows) then [0, min(cursor, rows)), two pieces if the buffer
+                # had wrapped around inside them (the public checkpoints wrap at their last row: one piece)
+                chunks = [(a, b) for a, b in ((cursor, rows), (0, min(cursor, rows))) if a < b]
             picked = {name: np.concatenate([column[a:b] for a, b in chunks] or [column[:0]]) for name, column in columns.items()}
             bad = {"action": (picked["action"] < 0) | (picked["action"] >= num_actions),
                    "reward": ~np.isfinite(picked["reward"]), "terminal": picked["terminal"] > 1}
@@ -1029,8 +1063,9 @@ def scan_dataset(run_dirs: dict, checkpoints, fraction: float, num_actions: int)
 def load_dataset(rb, records: list, workers: int = 8) -> torch.Tensor:
     """Fill `rb` (one env) with the records' transitions, piece after piece, and return the logical slots a sample may
     start at. As in Dopamine's sampler, a piece's first 3 slots only complete stacks and its last n only end n-step
-    windows, and the 3 zero transitions after a terminal become `last` slots: no start, stack or window ever
-    crosses from one checkpoint (or one piece of it) into another. Frames are read in parallel, only the loaded rows."""
+    windows (unless a terminal in the piece ends theirs), and the 3 zero transitions after a terminal become `last`
+    slots: no start, stack or window ever crosses from one checkpoint (or one piece of it) into another. Frames are
+    read in parallel, up to each file's last loaded row."""
     offset, starts, jobs = 0, [], []
     for record in records:
         placed, start = [], 0
@@ -1047,18 +1082,23 @@ def load_dataset(rb, records: list, workers: int = 8) -> torch.Tensor:
             rb.last[slots, 0] = torch.as_tensor(pad, device=rb.device)
             valid = ~pad
             valid[: rb.stack - 1] = False  # their stacks would reach before the piece (Dopamine: index >= stack - 1)
-            valid[max(b - a - rb.n_step, 0):] = False  # their windows would pass its end (Dopamine: cursor - n)
+            # windows that would pass its end (Dopamine: cursor - n), unless a terminal of the piece ends them first
+            # (a drawn episode's last n transitions)
+            ends_inside = np.flip(np.logical_or.accumulate(np.flip(terminal)))  # a terminal at or after the slot
+            valid[max(b - a - rb.n_step, 0):] &= ends_inside[max(b - a - rb.n_step, 0):]
             starts.append(offset + np.flatnonzero(valid))
             placed.append((a, b, offset))
             offset, start = offset + b - a, start + b - a
         jobs.append((record["observation"], placed))
 
     def read_frames(path, placed):
-        rows = max((b for _, b, _ in placed), default=0)
+        placed = sorted(placed)  # by row: the pieces a block of rows reaches are consecutive
+        ends = np.array([b for _, b, _ in placed])
+        rows = max(ends, default=0)
         try:
             with gzip.open(path, "rb") as f:
                 read_npy_header(path, f)
-                for first in range(0, rows, 4096):  # only rows [0, rows): the fraction is each file's first rows
+                for first in range(0, rows, 4096):  # rows [0, rows): up to the last row loaded
                     block = bytearray((min(first + 4096, rows) - first) * 84 * 84)
                     view, got = memoryview(block), 0
                     while got < len(block):
@@ -1067,10 +1107,11 @@ def load_dataset(rb, records: list, workers: int = 8) -> torch.Tensor:
                             raise EOFError("the file ends before its last frame")
                         got += n
                     frames = torch.from_numpy(np.frombuffer(block, np.uint8).reshape(-1, 84, 84))
-                    for a, b, at in placed:
+                    for a, b, at in placed[np.searchsorted(ends, first, side="right"):]:
+                        if a >= first + len(frames):
+                            break
                         lo, hi = max(a, first), min(b, first + len(frames))
-                        if lo < hi:
-                            rb.frames[at + lo - a: at + hi - a, 0] = frames[lo - first: hi - first].to(rb.device)
+                        rb.frames[at + lo - a: at + hi - a, 0] = frames[lo - first: hi - first].to(rb.device)
         except Exception as error:
             raise dataset_read_error(path, error) from None
 
@@ -1650,13 +1691,16 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
             greedy = agent.act(obs)
             actions = np.where(rng.random(args.num_envs) < epsilon, actions, greedy)
         tracker.send(envs, actions)  # the emulators step in ale-py's threads while the learner updates below
-        previous_step, global_step = global_step, global_step + args.num_envs  # everything below is logged at this step
+        # an env's reset step (its game ended last step: ale-py ignores the action and plays no frame) is no agent step
+        stepped = args.num_envs - int(was_done.sum())
+        previous_step, global_step = global_step, global_step + stepped  # everything below is logged at this step
         rb.flush()  # the previous step's slot is written now, while the emulators step (see `rb.add` below)
 
-        # learn: `replay_ratio` gradient updates per agent step once the replay holds `learning_starts` steps (the
-        # transition in flight joins the replay after them: a one-step lag that lets learning overlap acting)
+        # learn: `replay_ratio` gradient updates per agent step once the replay holds `learning_starts` slots (the
+        # transition in flight joins the replay after them: a one-step lag that lets learning overlap acting; a
+        # reset step's slot counts, as Dopamine's add_count counts its 3 padding rows per episode)
         if rb.t * args.num_envs > args.learning_starts and rb.can_sample():
-            update_credit += args.replay_ratio * args.num_envs
+            update_credit += args.replay_ratio * stepped
             if update_credit >= 1.0:
                 agent.act.refresh()  # --lagged-actor: the actor keeps the parameters from before this round
             while update_credit >= 1.0:

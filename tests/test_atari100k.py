@@ -443,6 +443,8 @@ def test_short_run_logs_evaluates_and_returns_whole_games(tmp_path, script):
     scalars = read_scalars(run_dir)
     for key in KEYS:
         assert key in scalars, key
+    lengths = [int(v) for _, v in scalars["charts/episodic_length"]]  # whole games; reset steps are no agent steps
+    assert lengths and [s for s, _ in scalars["charts/episodic_return"]] == list(np.cumsum(lengths))
     epsilons = dict(scalars["charts/epsilon"])
     if script == "drq_softmoe":  # 1 in the warm-up; at step 800, chosen at 799: 29 of 100 decay steps later
         assert all(epsilons[s] == 1.0 for s in range(100, 800, 100)) and epsilons[800] == pytest.approx(1 - 0.99 * 29 / 100)
@@ -469,8 +471,8 @@ def test_short_run_logs_evaluates_and_returns_whole_games(tmp_path, script):
     rewards, terminals, last = replay["rewards"][:, 0], replay["terminals"][:, 0], replay["last"][:, 0]
     games, start = [], 0
     for t in range(1, len(last)):
-        if last[t]:  # slot t holds the final observation of the game that ended at step t
-            games.append((t, float(rewards[start:t].sum()), t - start, int(terminals[start:t].sum())))
+        if last[t]:  # slot t holds the final observation of the game that ended at step t - (earlier reset slots)
+            games.append((t - len(games), float(rewards[start:t].sum()), t - start, int(terminals[start:t].sum())))
             assert terminals[t - 1]  # the game over
             start = t + 1
     logged = [(s, r) for s, r in scalars["charts/episodic_return"]]
@@ -485,8 +487,8 @@ def test_short_run_logs_evaluates_and_returns_whole_games(tmp_path, script):
 @pytest.mark.parametrize("script", AGENTS)
 def test_save_replay_writes_a_dataset_the_offline_loader_reads(script, tmp_path):
     """SpaceInvaders with life losses (an untrained agent loses lives there fast): the replay goes to the DQN Replay
-    Dataset layout and loads back in cql_softmoe.py's loader. Every agent step is one row except the final observation
-    of each finished game, every episode (and every life: a life loss is terminal) starts with 3 zero rows."""
+    Dataset layout and loads back in cql_softmoe.py's loader. Every agent step is one row (the reset steps' final
+    observations are none), every episode (and every life: a life loss is terminal) starts with 3 zero rows."""
     result = run_script(script, "--env-id", "SpaceInvaders", "--encoder", "nature", "--num-experts", "2",
                         "--total-timesteps", "600", "--learning-starts", "1000", "--buffer-size", "1000", "--metrics-every",
                         "0", "--eval-episodes", "0", "--runs-dir", str(tmp_path / "runs"), "--save-replay", str(tmp_path / "data"))
@@ -496,10 +498,9 @@ def test_save_replay_writes_a_dataset_the_offline_loader_reads(script, tmp_path)
     _, runs = cql.find_dataset_runs(str(tmp_path / "data"), "SpaceInvaders")
     (record,) = cql.scan_dataset(runs, [], 1.0, 6)
     terminal = np.asarray(record["terminal"]).astype(bool)
-    games = len(read_scalars(glob.glob(f"{tmp_path}/runs/*")[0]).get("charts/episodic_return", []))
     starts = 1 + int(terminal[:-1].sum())  # a new (agent) episode follows every terminal but a final one
     assert terminal.sum() >= 2
-    assert record["rows"] == (600 - games) + 3 * starts
+    assert record["rows"] == 600 + 3 * starts  # the reset steps' slots (final observations) are no rows, nor steps
 
 
 def test_unwritable_save_replay_fails_before_training(tmp_path):

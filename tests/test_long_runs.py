@@ -156,11 +156,14 @@ def test_checkpoints_keep_the_newest_k_and_hold_everything(checkpointed_run):
     state = torch.load(paths[-1], weights_only=True)
     for key in ["q_network", "target_network", "optimizer", "replay", "envs", "rng", "loop", "global_step", "args"]:
         assert key in state
-    assert state["replay"]["t"] == 400 and state["replay"]["frames"].shape == (400, 1, 84, 84)
+    t, last = state["replay"]["t"], state["replay"]["last"][:, 0]
+    assert t - int(last.sum()) == 400 and state["replay"]["frames"].shape == (t, 1, 84, 84)  # a reset step's slot: no step
     assert len(state["envs"]["actions"]) == 1
-    # --replay-ratio 0.25 once the replay holds more than --learning-starts 300 steps: steps 302-400 (99 steps of
-    # credit 0.25) make 24 Adam steps; --target-network-frequency 200: the target is synced after step 400's updates
-    assert int(state["optimizer"]["state"][0]["step"]) == 24
+    # --replay-ratio 0.25 once the replay holds more than --learning-starts 300 slots: from the loop pass writing slot
+    # 301 on, each played step (not a reset step) adds 0.25 credit; --target-network-frequency 200: the target is
+    # synced after step 400's updates
+    played = int((~last[301:t]).sum())
+    assert 95 <= played <= 100 and int(state["optimizer"]["state"][0]["step"]) == played // 4
     assert all(torch.equal(state["target_network"][k], state["q_network"][k]) for k in state["q_network"])
     first = torch.load(paths[0], weights_only=True)  # step 300: no update yet, so the synced target is not the start
     assert not first["optimizer"]["state"]

@@ -90,18 +90,23 @@ def play(buffer, steps, seed, run=1):
     return t
 
 
-def dopamine_sample(files, index, n, gamma):
+def dopamine_sample(files, index, n, gamma, ended_window=False):
     """Dopamine's is_valid_transition and sample_transition_batch for one index of one loaded checkpoint (the
-    reference's logic, in numpy): None if invalid, else (state, action, n-step return, terminal, next state)."""
+    reference's logic, in numpy): None if invalid, else (state, action, n-step return, terminal, next state).
+    `ended_window`: also allow one of the newest n transitions whose window a terminal ends (Dopamine drops them)."""
     store, add_count = files["store"], int(files["add_count"])
     capacity = len(store["terminal"])
     cursor = add_count % capacity
     full = add_count >= capacity
-    if not full and (index >= cursor - n or index < 3):
+    newest = (cursor - index - 1) % capacity  # transitions stored after this one
+    reach = n  # rows after the index that the window and next state need
+    if ended_window and newest < n and store["terminal"][[(index + j) % capacity for j in range(newest + 1)]].any():
+        reach = newest  # the window stops at that terminal; what follows the newest row is never read
+    if not full and (index >= cursor - reach or index < 3):
         return None
-    if full and not (0 <= (index - cursor) % capacity - 3 < capacity - 3 - n):  # randint(cursor - cap + 3, cursor - n)
+    if full and not (0 <= (index - cursor) % capacity - 3 < capacity - 3 - reach):  # randint(cursor - cap + 3, cursor - n)
         return None
-    if index in set(files["invalid_range"].tolist()):
+    if reach == n and index in set(files["invalid_range"].tolist()):  # the newest rows: unknown futures
         return None
     stack = lambda i: np.stack([store["observation"][(i - 3 + j) % capacity] for j in range(4)])
     if store["terminal"][[(index - 3 + j) % capacity for j in range(3)]].any():
@@ -157,7 +162,7 @@ def test_loader_matches_dopamines_sampler_on_a_logged_dataset(cql, tmp_path, n_s
         files = read_checkpoint(str(log_dir), record["checkpoint"])
         wrapped = int(files["add_count"]) >= 200
         for row in range(200):
-            reference = dopamine_sample(files, row, n_step, gamma)
+            reference = dopamine_sample(files, row, n_step, gamma, ended_window=True)
             key = (record["checkpoint"], row)
             if reference is None:
                 fourth = wrapped and (row - int(files["add_count"])) % 200 == 3
@@ -329,6 +334,81 @@ def test_a_checkpoint_wrapped_mid_file_is_read_oldest_first_in_separate_pieces(c
     for stack in torch.cat([states, next_states[discounts > 0]]):
         seen = [name_of(f.numpy())[0] for f in stack if f.any()]
         assert contiguous or all(b - a == 1 for a, b in zip(seen, seen[1:])), seen
+
+
+def slots_of(records):
+    """(run, checkpoint, storage row) -> the logical slot `load_dataset` puts it in (pieces one after another)."""
+    ours, slot = {}, 0
+    for record in records:
+        for a, b in record["chunks"]:
+            ours.update({(record["run"], record["checkpoint"], row): slot + row - a for row in range(a, b)})
+            slot += b - a
+    return ours
+
+
+@pytest.mark.parametrize("n_step", [1, 3])
+def test_random_selection_loads_whole_episodes_that_dopamines_sampler_would_draw(cql, tmp_path, n_step):
+    """--data-selection random (the paper's "drawn randomly"): 30% of each checkpoint's stored rows, as whole episodes
+    drawn at random, only the last one drawn cut short; different per seed, the same for a seed. Every start it allows
+    is one Dopamine's sampler allows on the full checkpoint, with the same state, action, return and next state."""
+    gamma, logged = 0.9, {}
+    for run in (1, 2):
+        log_dir = tmp_path / "Pong" / str(run) / "replay_logs"
+        buffer = DopamineLoggedBuffer(str(log_dir), capacity=150)
+        play(buffer, 520, seed=run, run=run)
+        buffer.log_final()
+        logged.update({(run, n): read_checkpoint(str(log_dir), n) for n in range(buffer.log_count)})
+    _, runs = cql.find_dataset_runs(str(tmp_path), "Pong")
+    records = cql.scan_dataset(runs, (), 0.3, 6, "random", seed=7)
+    first = cql.scan_dataset(runs, (), 0.3, 6, "first", seed=7)
+    assert [r["rows"] for r in records] == [r["rows"] for r in first]
+    assert [r["chunks"] for r in records] == [r["chunks"] for r in cql.scan_dataset(runs, (), 0.3, 6, "random", seed=7)]
+    assert [r["chunks"] for r in records] != [r["chunks"] for r in cql.scan_dataset(runs, (), 0.3, 6, "random", seed=8)]
+    for record in records:
+        files = logged[record["run"], record["checkpoint"]]
+        terminal = files["store"]["terminal"].astype(bool)
+        add_count = int(files["add_count"])
+        oldest = add_count % 150 if add_count >= 150 else 0
+        newest = (add_count - 1) % 150
+        assert sum(b - a for a, b in record["chunks"]) == record["rows"]
+        starts_episode = [a == oldest or terminal[a - 1] for a, _ in record["chunks"]]
+        ends_episode = [b - 1 == newest or b == 150 or terminal[b - 1] for _, b in record["chunks"]]  # 150: wraps
+        assert all(starts_episode) and sum(not e for e in ends_episode) <= 1  # only the last drawn is cut
+    assert sum(r["chunks"] != f["chunks"] for r, f in zip(records, first)) >= len(records) - 2  # not the first rows
+    rb = fill(cql, records, n_step, gamma)
+    slot_of = slots_of(records)
+    key_of = {slot: key for key, slot in slot_of.items()}
+    starts = rb.starts.tolist()
+    padding = 3 * int(rb.terminals[: rb.t].sum())  # the zero transitions after each terminal
+    pieces = [b - a for r in records for a, b in r["chunks"]]
+    ends = torch.as_tensor(np.cumsum(pieces) - 1)
+    open_ends = int((~rb.terminals[ends, 0]).sum())  # pieces not ending in a terminal: their last n start nothing
+    assert len(starts) >= rb.t - padding - 3 * len(pieces) - n_step * open_ends
+    assert set(ends[rb.terminals[ends, 0]].tolist()) <= set(starts)  # an episode's last transition is drawn
+    expected = [dopamine_sample(logged[key_of[s][:2]], key_of[s][2], n_step, gamma, True) for s in starts]
+    assert None not in expected
+    batch = rb.gather(torch.tensor(starts), torch.zeros(len(starts), dtype=torch.long))
+    for (state, action, ret, terminal, next_state), got in zip(expected, zip(*batch)):
+        states, actions, returns, discounts, next_states = got
+        assert np.array_equal(states.numpy(), state) and actions.item() == action
+        assert returns.item() == pytest.approx(ret, abs=1e-5) and (discounts.item() == 0) == terminal
+        if not terminal:
+            assert np.array_equal(next_states.numpy(), next_state)
+
+
+def test_random_selection_splits_an_episode_where_a_circular_file_wraps(cql):
+    """Positions are chronological (oldest row = the cursor); an episode drawn across the file's end becomes two
+    pieces, oldest first; adjacent episodes join one piece."""
+    terminal = np.zeros(20, dtype=np.uint8)
+    terminal[[2, 9, 14]] = 1  # chronological from cursor 12: rows 12-14 | 15-19, 0-2 | 3-9 | 10-11
+    pieces = cql.random_episodes(terminal, 12, 20, 20, np.random.default_rng(0))
+    assert pieces == [(12, 20), (0, 12)]
+    for seed in range(20):
+        pieces = cql.random_episodes(terminal, 12, 20, 8, np.random.default_rng(seed))
+        rows = [row for a, b in pieces for row in range(a, b)]
+        assert len(rows) == len(set(rows)) == 8
+        if (15, 20) in pieces:  # the episode across the wrap, whole or cut
+            assert pieces[pieces.index((15, 20)) + 1][0] == 0
 
 
 def test_run_and_checkpoint_selection(cql, tmp_path):

@@ -4,8 +4,8 @@ import glob
 import json
 import os
 
+import numpy as np
 import pytest
-
 import torch
 
 from conftest import read_scalars, run_script
@@ -43,6 +43,9 @@ def test_dqn_short_run_logs_every_key(tmp_path, flags):
     if "top1" in flags:
         assert "moe/dropped_fraction" in scalars and "losses/aux_loss" in scalars
     assert all(step <= 600 for step, _ in scalars["charts/episodic_return"])
+    if "--num-envs" not in flags:  # a reset step plays no frame and is no agent step: game k ends at the k first lengths
+        lengths = [int(v) for _, v in scalars["charts/episodic_length"]]
+        assert len(lengths) >= 2 and [s for s, _ in scalars["charts/episodic_return"]] == list(np.cumsum(lengths))
     assert all(0 <= v <= 1 for _, v in scalars["metrics/dormant_tau0.1"])
 
 
