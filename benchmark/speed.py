@@ -50,32 +50,46 @@ def rate(count: int, seconds: float) -> float:
     return count / max(seconds, 1e-9)
 
 
+def played(was_done: np.ndarray, terminations, truncations) -> tuple[int, np.ndarray]:
+    """Agent steps of one vector step, as the scripts count them: an env's reset step (the step after its game
+    ended: ale-py ignores the action and plays no frame) is none. Returns them and the envs whose next step resets."""
+    return len(was_done) - int(was_done.sum()), terminations | truncations
+
+
 def env_only(module, rom: str, protocol: str, num_envs: int, steps: int, seed: int = 0) -> float:
     """Agent steps per second of the emulator alone, random actions."""
     envs = module.make_env(rom, num_envs, protocol)
     envs.reset(seed=seed)
     rng = np.random.default_rng(seed)
     n = envs.single_action_space.n
+    count, was_done = 0, np.zeros(num_envs, dtype=bool)
     start = time.perf_counter()
     for _ in range(steps // num_envs):
-        envs.step(rng.integers(n, size=num_envs))
+        _, _, terminations, truncations, _ = envs.step(rng.integers(n, size=num_envs))
+        stepped, was_done = played(was_done, terminations, truncations)
+        count += stepped
     elapsed = time.perf_counter() - start
     envs.close()
-    return rate(steps // num_envs * num_envs, elapsed)
+    return rate(count, elapsed)
 
 
 def acting(module, agent, rom: str, protocol: str, num_envs: int, steps: int, seed: int = 0) -> float:
     """Agent steps per second of env step + the agent's `act` (states up, actions down: one host sync per step)."""
     envs = module.make_env(rom, num_envs, protocol)
     obs, _ = envs.reset(seed=seed)
+    was_done = np.zeros(num_envs, dtype=bool)
     for _ in range(5):  # warm-up (lazy init, cuDNN autotuning)
-        obs, *_ = envs.step(agent.act(obs))
+        obs, _, terminations, truncations, _ = envs.step(agent.act(obs))
+        _, was_done = played(was_done, terminations, truncations)
+    count = 0
     start = time.perf_counter()
     for _ in range(steps // num_envs):
-        obs, *_ = envs.step(agent.act(obs))
+        obs, _, terminations, truncations, _ = envs.step(agent.act(obs))
+        stepped, was_done = played(was_done, terminations, truncations)
+        count += stepped
     elapsed = time.perf_counter() - start
     envs.close()
-    return rate(steps // num_envs * num_envs, elapsed)
+    return rate(count, elapsed)
 
 
 def fill_replay(rb, slots: int, num_actions: int, seed: int = 0) -> None:

@@ -5,6 +5,7 @@ import math
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -105,3 +106,29 @@ def test_layer_timings_cover_both_paddings_and_layouts_and_restore_the_script():
     assert len(rows) == 8 and cases == {(e, w, p) for e in ("impala", "nature") for w in ("channels-first", "channels-last")
                                         for p in ("scripts", "explicit")}
     assert any(line.startswith("| 32 leaves |") for line in lines)
+
+
+def test_rates_count_agent_steps_not_reset_steps(monkeypatch):
+    """A vector step counts the envs that played: an env whose game ended on the previous step only resets (ale-py's
+    next-step autoreset ignores its action), as the scripts' loops count. A fake env of 2 whose first env ends a game
+    every 3rd step: 30 vector steps = 60 env steps, 9 of them reset steps (steps 4, 7, ..., 28)."""
+    class Envs:
+        single_action_space = types.SimpleNamespace(n=4)
+        t = 0
+
+        def reset(self, seed=None):
+            return np.zeros((2, 4, 84, 84), np.uint8), {}
+
+        def step(self, actions):
+            self.t += 1
+            terminated = np.array([self.t % 3 == 0, False])
+            return np.zeros((2, 4, 84, 84), np.uint8), np.zeros(2), terminated, np.zeros(2, bool), {}
+
+        def close(self):
+            pass
+
+    module = types.SimpleNamespace(make_env=lambda rom, num_envs, protocol: Envs())
+    clock = iter(range(100))
+    monkeypatch.setattr(speed.time, "perf_counter", lambda: float(next(clock)))  # each call: one second later
+    assert speed.env_only(module, "breakout", "dopamine", 2, 60) == 51.0  # 51 steps played in 1 "second"
+    assert speed.played(np.array([False, True]), np.array([True, False]), np.array([False, False]))[0] == 1
