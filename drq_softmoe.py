@@ -1421,13 +1421,26 @@ def save_checkpoint(state: dict, run_dir: str, step: int, keep: int) -> str:
     return path
 
 
-def find_checkpoint(resume: str, runs_dir: str, run_prefix: str):
-    """`auto`: the newest checkpoint of the newest unfinished run named `run_prefix*` (None if there is none);
-    a run directory: its newest checkpoint; a file: that file."""
+class FlagMismatch(ValueError):
+    """A checkpoint of another script, or written with flags this run may not change."""
+
+
+def find_checkpoint(resume: str, runs_dir: str, run_prefix: str, script: str = "", args: dict | None = None):
+    """`auto`: the newest checkpoint of the newest unfinished run named `run_prefix*` written by `script` with `args`
+    (None if there is none; runs with other flags, e.g. a shortened look at the same experiment, are skipped with a
+    line saying so); a run directory: its newest checkpoint; a file: that file."""
     if resume == "auto":
         runs = [d for d in glob.glob(os.path.join(glob.escape(runs_dir), glob.escape(run_prefix) + "*"))
                 if not os.path.exists(os.path.join(d, "summary.json")) and list_checkpoints(d)]
-        return list_checkpoints(max(runs, key=lambda d: int(d.rsplit("__", 1)[1])))[-1] if runs else None
+        for run in sorted(runs, key=lambda d: int(d.rsplit("__", 1)[1]), reverse=True):
+            path = list_checkpoints(run)[-1]
+            try:
+                load_checkpoint(path, script, args or {}, mmap=True)  # only the flags are read: tensors stay on disk
+            except FlagMismatch as error:
+                print(f"--resume auto: not resuming {run}: {error}", flush=True)
+                continue
+            return path
+        return None
     if os.path.isdir(resume):
         found = list_checkpoints(resume)
         if not found:
@@ -1438,11 +1451,11 @@ def find_checkpoint(resume: str, runs_dir: str, run_prefix: str):
     return resume
 
 
-def load_checkpoint(path: str, script: str, args: dict) -> dict:
+def load_checkpoint(path: str, script: str, args: dict, mmap: bool = False) -> dict:
     """Load with weights_only=True (tensors and plain containers only) and refuse other scripts or other flags. Every
     tensor comes to the CPU (RNG states and numpy views need it); networks, Adam and replay copy to their device."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # a truncated zip, a bad pickle, not a torch file at all
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:150]
         raise ValueError(f"checkpoint {path} is unreadable ({reason}); resume from an earlier one or start without --resume")
@@ -1452,11 +1465,11 @@ def load_checkpoint(path: str, script: str, args: dict) -> dict:
         raise ValueError(f"checkpoint {path} has format {state.get('format')}, this script reads format {CHECKPOINT_FORMAT}; "
                          "resume it with the version of this script that wrote it, or start a new run")
     if state["script"] != script:
-        raise ValueError(f"checkpoint {path} was written by {state['script']}, not {script}")
+        raise FlagMismatch(f"checkpoint {path} was written by {state['script']}, not {script}")
     for key, value in args.items():
         if key not in RESUMABLE_CHANGES and state["args"].get(key) != value:
-            raise ValueError(f"checkpoint {path} was written with --{key.replace('_', '-')} {state['args'].get(key)} "
-                             f"but this run has {value}; resume with the checkpoint's flags")
+            raise FlagMismatch(f"checkpoint {path} was written with --{key.replace('_', '-')} {state['args'].get(key)} "
+                               f"but this run has {value}; resume with the checkpoint's flags")
     return state
 
 
@@ -1685,10 +1698,11 @@ def prepare(args: Args):
     rom = resolve_rom(args.env_id)
     check_args(args)
     prefix = f"{game_name(rom)}__{args.exp_name}__{args.seed}__"
-    path = find_checkpoint(args.resume, args.runs_dir, prefix) if args.resume else None
+    script = os.path.basename(__file__)
+    path = find_checkpoint(args.resume, args.runs_dir, prefix, script, vars(args)) if args.resume else None
     checkpoint = None
     if path:
-        checkpoint = load_checkpoint(path, os.path.basename(__file__), vars(args))
+        checkpoint = load_checkpoint(path, script, vars(args))
         # at the last step but without summary.json: stopped during the final evaluation or saving, which resume
         ended = os.path.exists(os.path.join(os.path.dirname(os.path.dirname(path)), "summary.json"))
         if checkpoint["global_step"] > args.total_timesteps or (

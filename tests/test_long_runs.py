@@ -200,6 +200,26 @@ def test_resume_with_other_flags_is_refused(checkpointed_run):
     assert "written with --num-experts 2 but this run has 4" in line
 
 
+def test_resume_auto_skips_an_unfinished_run_with_other_flags(tmp_path):
+    """A shortened look at an experiment (other --iteration-steps) left unfinished under the same exp name: the full
+    run's --resume auto starts a run of its own, saying why, and leaves it be; the look's own flags resume it."""
+    flags = [*BASE, "--runs-dir", str(tmp_path), "--exp-name", "look", "--checkpoint-every", "100", "--resume", "auto"]
+    first = run_script("dqn_softmoe", *flags, "--total-timesteps", "200", "--iteration-steps", "20")
+    assert first.returncode == 0, first.stderr[-2000:]
+    look = only(f"{tmp_path}/Breakout__look__*")
+    os.remove(f"{look}/summary.json")  # as if stopped before its end
+    full = run_script("dqn_softmoe", *flags, "--total-timesteps", "200")
+    assert full.returncode == 0, full.stderr[-2000:]
+    assert f"--resume auto: not resuming {look}: checkpoint" in full.stdout
+    assert "written with --iteration-steps 20 but this run has 250000" in full.stdout
+    runs = sorted(glob.glob(f"{tmp_path}/Breakout__look__*"))
+    assert len(runs) == 2 and not os.path.exists(f"{look}/summary.json")
+    resumed = run_script("dqn_softmoe", *flags, "--total-timesteps", "300", "--iteration-steps", "20")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed at agent step 200" in resumed.stdout and "not resuming" not in resumed.stdout
+    assert json.load(open(f"{look}/summary.json"))["global_step"] == 300
+
+
 def test_truncated_checkpoint_is_refused(checkpointed_run, tmp_path):
     data = open(sorted(glob.glob(f"{checkpointed_run}/checkpoints/*"))[-1], "rb").read()
     path = tmp_path / "Breakout__trunc__1__1" / "checkpoints" / "step_000000000400.pt"
