@@ -1396,27 +1396,28 @@ def load_dataset(rb, records: list, workers: int = 8) -> torch.Tensor:
     read in parallel, up to each file's last loaded row."""
     offset, starts, jobs = 0, [], []
     for record in records:
-        placed, start = [], 0
+        placed, start, pads = [], 0, []
         for a, b in record["chunks"]:
-            cut = slice(start, start + b - a)
-            terminal = record["terminal"][cut]
+            terminal = record["terminal"][start:start + b - a]
             pad = np.zeros(b - a, dtype=bool)
             for lag in range(1, DATASET_PADDING + 1):
                 pad[lag:] |= terminal[:-lag]
-            slots = slice(offset, offset + b - a)
-            rb.actions[slots, 0] = torch.as_tensor(record["action"][cut], device=rb.device)
-            rb.rewards[slots, 0] = torch.as_tensor(record["reward"][cut], device=rb.device)
-            rb.terminals[slots, 0] = torch.as_tensor(terminal, device=rb.device)
-            rb.last[slots, 0] = torch.as_tensor(pad, device=rb.device)
             valid = ~pad
             valid[: rb.stack - 1] = False  # their stacks would reach before the piece (Dopamine: index >= stack - 1)
             # windows that would pass its end (Dopamine: cursor - n), unless a terminal of the piece ends them first
             # (a drawn episode's last n transitions)
             ends_inside = np.flip(np.logical_or.accumulate(np.flip(terminal)))  # a terminal at or after the slot
             valid[max(b - a - rb.n_step, 0):] &= ends_inside[max(b - a - rb.n_step, 0):]
-            starts.append(offset + np.flatnonzero(valid))
-            placed.append((a, b, offset))
-            offset, start = offset + b - a, start + b - a
+            starts.append(offset + start + np.flatnonzero(valid))
+            placed.append((a, b, offset + start))
+            pads.append(pad)
+            start += b - a
+        slots = slice(offset, offset + start)  # the pieces one after another: one copy per column and checkpoint
+        rb.actions[slots, 0] = torch.as_tensor(record["action"], device=rb.device)
+        rb.rewards[slots, 0] = torch.as_tensor(record["reward"], device=rb.device)
+        rb.terminals[slots, 0] = torch.as_tensor(record["terminal"], device=rb.device)
+        rb.last[slots, 0] = torch.as_tensor(np.concatenate(pads or [np.zeros(0, dtype=bool)]), device=rb.device)
+        offset += start
         jobs.append((record["observation"], placed))
 
     def read_frames(path, placed):
