@@ -1313,7 +1313,7 @@ def random_episodes(terminal: np.ndarray, cursor: int, stored: int, rows: int, d
     return pieces
 
 
-def scan_dataset(run_dirs: dict, checkpoints, fraction: float, num_actions: int, selection: str = "first",
+def scan_dataset(run_dirs: dict, checkpoints, fraction: float, num_actions: int, selection: str,
                  seed: int = 0) -> list:
     """Find and check every file of the chosen runs {number: directory} and checkpoints (all present if empty), all but
     the frames themselves, which `load_dataset` reads. From each checkpoint a `fraction` of its stored transitions is
@@ -1666,7 +1666,7 @@ class FlagMismatch(ValueError):
     """A checkpoint of another script, or written with flags this run may not change."""
 
 
-def find_checkpoint(resume: str, runs_dir: str, run_prefix: str, script: str = "", args: dict | None = None):
+def find_checkpoint(resume: str, runs_dir: str, run_prefix: str, script: str, args: dict):
     """`auto`: the newest checkpoint of the newest unfinished run named `run_prefix*` written by `script` with `args`
     (None if there is none; runs with other flags, e.g. a shortened look at the same experiment, are skipped with a
     line saying so); a run directory: its newest checkpoint; a file: that file."""
@@ -1676,7 +1676,7 @@ def find_checkpoint(resume: str, runs_dir: str, run_prefix: str, script: str = "
         for run in sorted(runs, key=lambda d: int(d.rsplit("__", 1)[1]), reverse=True):
             path = list_checkpoints(run)[-1]
             try:
-                load_checkpoint(path, script, args or {}, mmap=True)  # only the flags are read: tensors stay on disk
+                load_checkpoint(path, script, args, mmap=True)  # only the flags are read: tensors stay on disk
             except FlagMismatch as error:
                 print(f"--resume auto: not resuming {run}: {error}", flush=True)
                 continue

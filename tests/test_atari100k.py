@@ -496,7 +496,7 @@ def test_save_replay_writes_a_dataset_the_offline_loader_reads(script, tmp_path)
     assert f"replay written to {tmp_path}/data/SpaceInvaders/1" in result.stdout
     cql = load_script("cql_softmoe")
     _, runs = cql.find_dataset_runs(str(tmp_path / "data"), "SpaceInvaders")
-    (record,) = cql.scan_dataset(runs, [], 1.0, 6)
+    (record,) = cql.scan_dataset(runs, [], 1.0, 6, "first")
     terminal = np.asarray(record["terminal"]).astype(bool)
     starts = 1 + int(terminal[:-1].sum())  # a new (agent) episode follows every terminal but a final one
     assert terminal.sum() >= 2

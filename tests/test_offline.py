@@ -145,7 +145,7 @@ def test_loader_matches_dopamines_sampler_on_a_logged_dataset(cql, tmp_path, n_s
     buffer.log_final()
     assert buffer.log_count == 4
     _, runs = cql.find_dataset_runs(str(tmp_path), "Pong")
-    records = cql.scan_dataset(runs, (), 1.0, num_actions=6)
+    records = cql.scan_dataset(runs, (), 1.0, num_actions=6, selection="first")
     assert [r["checkpoint"] for r in records] == [0, 1, 2, 3]
     # logged when add_count % 200 == 199 after an add (padding can jump past it: batch_rl then skips a cycle)
     assert [r["add_count"] % 200 for r in records] == [199, 199, 199, int(buffer.add_count) % 200]
@@ -190,7 +190,7 @@ def test_padding_becomes_last_slots_and_episode_boundaries_hold(cql, tmp_path):
     buffer = DopamineLoggedBuffer(str(log_dir), capacity=500)
     steps = play(buffer, 300, seed=1, run=3)
     buffer.log_final()
-    (record,) = cql.scan_dataset(cql.find_dataset_runs(str(tmp_path), "breakout")[1], (), 1.0, num_actions=6)
+    (record,) = cql.scan_dataset(cql.find_dataset_runs(str(tmp_path), "breakout")[1], (), 1.0, num_actions=6, selection="first")
     assert record["add_count"] == int(buffer.add_count) and record["rows"] == record["add_count"]
     rb = fill(cql, [record], n_step=3)
     terminal = rb.terminals[: rb.t, 0].numpy()
@@ -247,7 +247,7 @@ def test_writer_round_trip_keeps_every_transition(cql, tmp_path, monkeypatch, wr
     assert int(first["add_count"]) == 120  # padding first unless the replay had wrapped around
     assert (not first["store"]["observation"][:3].any()) == (not wrapped)
     _, runs = cql.find_dataset_runs(str(tmp_path), "SpaceInvaders")
-    records = cql.scan_dataset(runs, (), 1.0, num_actions=6)
+    records = cql.scan_dataset(runs, (), 1.0, num_actions=6, selection="first")
     loaded = fill(cql, records, n, gamma)
     where = {name_of(loaded.frames[s, 0].numpy()): s for s in range(loaded.t)}
     starts = set(loaded.starts.tolist())
@@ -288,7 +288,7 @@ def test_fraction_takes_each_checkpoints_first_rows_and_never_mixes_checkpoints(
             files = read_checkpoint(str(tmp_path / "Pong" / str(run) / "replay_logs"), n)
             logged[run, n] = files
     _, runs = cql.find_dataset_runs(str(tmp_path), "Pong")
-    records = cql.scan_dataset(runs, (), 0.3, num_actions=6)
+    records = cql.scan_dataset(runs, (), 0.3, num_actions=6, selection="first")
     assert len(records) == len(logged) == 8
     stored = {(r["run"], r["checkpoint"]): min(int(f["add_count"]), 150) for (r, f) in zip(records, logged.values())}
     assert [r["rows"] for r in records] == [int(0.3 * s + 0.5) for s in stored.values()]
@@ -323,7 +323,7 @@ def test_a_checkpoint_wrapped_mid_file_is_read_oldest_first_in_separate_pieces(c
     buffer.log()  # as Dopamine's OutOfGraphReplayBuffer.save writes it, cursor where it stands
     cursor, rows = buffer.cursor(), int(fraction * 200 + 0.5)
     assert 4 < cursor < rows - 4
-    (record,) = cql.scan_dataset(cql.find_dataset_runs(str(tmp_path), "Pong")[1], (0,), fraction, num_actions=6)
+    (record,) = cql.scan_dataset(cql.find_dataset_runs(str(tmp_path), "Pong")[1], (0,), fraction, num_actions=6, selection="first")
     assert record["chunks"] == [(cursor, rows), (0, cursor)]
     rb = fill(cql, [record], n_step=3)
     times = [name_of(rb.frames[s, 0].numpy()) for s in range(rb.t)]
@@ -419,11 +419,11 @@ def test_run_and_checkpoint_selection(cql, tmp_path):
     (tmp_path / "Pong" / "7").mkdir()  # a run being written (no replay_logs yet) is not a run
     game_dir, runs = cql.find_dataset_runs(str(tmp_path), "pong")
     assert sorted(runs) == [1, 2, 5]
-    records = cql.scan_dataset({2: runs[2]}, (0, 2), 0.5, num_actions=6)
+    records = cql.scan_dataset({2: runs[2]}, (0, 2), 0.5, num_actions=6, selection="first")
     assert [(r["run"], r["checkpoint"]) for r in records] == [(2, 0), (2, 2)]
-    assert len(cql.scan_dataset({1: runs[1], 5: runs[5]}, (), 0.5, num_actions=6)) == 4 + 3
+    assert len(cql.scan_dataset({1: runs[1], 5: runs[5]}, (), 0.5, num_actions=6, selection="first")) == 4 + 3
     with pytest.raises(cql.DatasetError, match=r"2/replay_logs/\$store\$_observation_ckpt.3.gz: missing"):
-        cql.scan_dataset({2: runs[2]}, (3,), 0.5, num_actions=6)
+        cql.scan_dataset({2: runs[2]}, (3,), 0.5, num_actions=6, selection="first")
 
 
 # ---------------------------------------------------------------- the CQL term
@@ -658,7 +658,7 @@ def test_memory_is_checked_before_loading(cql, tmp_path, monkeypatch):
         cql.prepare(args)
     assert "needs 0.0 GB but 1.0 GB of host memory is available; use --checkpoints-per-iteration 5" in str(error.value)
     # the bound: 7,071 B per loaded transition (frame, action, reward, 2 flags, start index) plus 1 GiB of headroom
-    records = cql.scan_dataset({1: str(tmp_path / "data" / "Pong" / "1")}, (), 1.0, 6)
+    records = cql.scan_dataset({1: str(tmp_path / "data" / "Pong" / "1")}, (), 1.0, 6, "first")
     need = sum(r["rows"] for r in records) * 7_071 + 2**30
     for free, refused in ((need - 1, True), (need, False)):
         monkeypatch.setattr(cql, "available_memory", lambda device, free=free: (free, "host memory is available"))
