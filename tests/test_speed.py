@@ -132,3 +132,18 @@ def test_rates_count_agent_steps_not_reset_steps(monkeypatch):
     monkeypatch.setattr(speed.time, "perf_counter", lambda: float(next(clock)))  # each call: one second later
     assert speed.env_only(module, "breakout", "dopamine", 2, 60) == 51.0  # 51 steps played in 1 "second"
     assert speed.played(np.array([False, True]), np.array([True, False]), np.array([False, False]))[0] == 1
+
+
+def test_dataset_load_benchmark_times_both_selections(tmp_path, capsys):
+    from benchmark import dataset_load
+
+    out = tmp_path / "load.md"
+    table = dataset_load.main(["--rows", "3000", "--fractions", "0.5", "--repeats", "1", "--out", str(out)])
+    assert out.read_text() == table
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| 0.5 |")]
+    assert [r[1] for r in rows] == ["first", "random"] and all(r[3] == "1,500" for r in rows)
+    assert rows[0][2] == "1" and int(rows[1][2]) > 1  # random: several episodes, first: one piece
+    assert all(0 < int(r[4].replace(",", "")) <= 1500 for r in rows)
+    with pytest.raises(SystemExit):
+        dataset_load.main(["--fractions", "0"])
+    assert "--fractions in (0, 1]" in capsys.readouterr().err
