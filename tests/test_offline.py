@@ -130,6 +130,16 @@ def fill(cql, records, n_step=3, gamma=0.9):
     return rb
 
 
+def slots_of(records):
+    """(run, checkpoint, storage row) -> the logical slot `load_dataset` puts it in (pieces one after another)."""
+    ours, slot = {}, 0
+    for record in records:
+        for a, b in record["chunks"]:
+            ours.update({(record["run"], record["checkpoint"], row): slot + row - a for row in range(a, b)})
+            slot += b - a
+    return ours
+
+
 # ---------------------------------------------------------------- reading the public layout
 
 
@@ -150,12 +160,7 @@ def test_loader_matches_dopamines_sampler_on_a_logged_dataset(cql, tmp_path, n_s
     # logged when add_count % 200 == 199 after an add (padding can jump past it: batch_rl then skips a cycle)
     assert [r["add_count"] % 200 for r in records] == [199, 199, 199, int(buffer.add_count) % 200]
     rb = fill(cql, records, n_step, gamma)
-    ours = {}  # (checkpoint, storage row) -> logical slot
-    slot = 0
-    for record in records:
-        for a, b in record["chunks"]:
-            ours.update({(record["checkpoint"], row): slot + row - a for row in range(a, b)})
-            slot += b - a
+    ours = {key[1:]: slot for key, slot in slots_of(records).items()}  # (checkpoint, storage row) -> logical slot
     starts = set(rb.starts.tolist())
     expected = []
     for record in records:
@@ -334,16 +339,6 @@ def test_a_checkpoint_wrapped_mid_file_is_read_oldest_first_in_separate_pieces(c
     for stack in torch.cat([states, next_states[discounts > 0]]):
         seen = [name_of(f.numpy())[0] for f in stack if f.any()]
         assert contiguous or all(b - a == 1 for a, b in zip(seen, seen[1:])), seen
-
-
-def slots_of(records):
-    """(run, checkpoint, storage row) -> the logical slot `load_dataset` puts it in (pieces one after another)."""
-    ours, slot = {}, 0
-    for record in records:
-        for a, b in record["chunks"]:
-            ours.update({(record["run"], record["checkpoint"], row): slot + row - a for row in range(a, b)})
-            slot += b - a
-    return ours
 
 
 @pytest.mark.parametrize("n_step", [1, 3])
