@@ -47,7 +47,7 @@ class Args:
     seed: int = 1
     """seed of numpy, torch, the replay sampler, the default dataset run and the evaluation episodes"""
     torch_deterministic: bool = True
-    """make cuDNN deterministic (`torch.backends.cudnn.deterministic`)"""
+    """make cuDNN deterministic (`torch.backends.cudnn.deterministic`; CPU runs are reproducible either way)"""
     cuda: bool = True
     """use CUDA when it is available (networks, the loaded dataset and sampling all live on the GPU)"""
     compile: bool = False
@@ -968,6 +968,9 @@ def scan_dataset(run_dirs: dict, checkpoints, fraction: float, num_actions: int,
     records = []
     for run, run_dir in sorted(run_dirs.items()):
         found = {int(m.group(2)) for m in map(DATASET_FILE.match, os.listdir(os.path.join(run_dir, "replay_logs"))) if m}
+        if not found:
+            raise DatasetError(f"{os.path.join(run_dir, 'replay_logs')} holds no *_ckpt.N.gz files; download the run's "
+                               "files (README) or choose other --runs")
         for checkpoint in sorted(checkpoints or found):
             paths = {name: dataset_file(run_dir, name, checkpoint) for name in [*DATASET_ARRAYS, "add_count"]}
             for path in paths.values():
@@ -1214,9 +1217,9 @@ def peak_memory(device: torch.device) -> dict:
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; the launcher requeues the job, which continues with --resume auto
 EXIT_NONFINITE = 3
 CHECKPOINT_FORMAT = 2  # 2: the lagged actor's copy; envs reseeded per segment, not per episode
-RESUMABLE_CHANGES = {"resume", "total_timesteps", "checkpoint_every", "checkpoint_keep", "checkpoint_replay", "cuda",
-                     "compile", "compile_mode", "tf32", "log_every", "print_every", "metrics_every", "save_model", "save_replay", "eval_episodes",
-                     "eval_epsilon", "eval_every"}
+RESUMABLE_CHANGES = {"resume", "runs_dir", "total_timesteps", "checkpoint_every", "checkpoint_keep",
+                     "checkpoint_replay", "cuda", "compile", "compile_mode", "tf32", "log_every", "print_every",
+                     "metrics_every", "save_model", "save_replay", "eval_episodes", "eval_epsilon", "eval_every"}
 
 
 def episode_seed(seed: int, env: int, episode: int) -> int:
@@ -1341,7 +1344,9 @@ def load_checkpoint(path: str, script: str, args: dict, mmap: bool = False) -> d
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # a truncated zip, a bad pickle, not a torch file at all
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:150]
+        # torch's own messages mislead here (a garbage file: "Weights only load failed... weights_only=False")
+        access = isinstance(error, (PermissionError, IsADirectoryError)) and error.strerror
+        reason = access or f"truncated, corrupt or not a checkpoint: {type(error).__name__}"
         raise ValueError(f"checkpoint {path} is unreadable ({reason}); resume from an earlier one or start without --resume")
     if not isinstance(state, dict) or "script" not in state or "args" not in state:
         raise ValueError(f"{path} is not a checkpoint of this project")
@@ -1355,6 +1360,33 @@ def load_checkpoint(path: str, script: str, args: dict, mmap: bool = False) -> d
             raise FlagMismatch(f"checkpoint {path} was written with --{key.replace('_', '-')} {state['args'].get(key)} "
                                f"but this run has {value}; resume with the checkpoint's flags")
     return state
+
+
+def resumed_run_dir(path: str, step: int, total: int, unit: str, fix: str) -> str:
+    """The run a checkpoint continues: RUN of RUN/checkpoints/step_N.pt. Refused: a file elsewhere (its grandparent
+    would receive the run's files), nothing left to train, and a finished run (summary.json) resumed from a checkpoint
+    before its end, which would play its last steps again and overwrite its summary and curves."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(parent) != "checkpoints" or not re.fullmatch(r"step_\d+\.pt", os.path.basename(path)):
+        raise ValueError(f"--resume {path}: a run continues from its own RUN/checkpoints/step_N.pt; pass that file or "
+                         "the run directory RUN")
+    run_dir = os.path.dirname(os.path.dirname(path)) or os.curdir
+    finished = None
+    if os.path.exists(os.path.join(run_dir, "summary.json")):
+        try:
+            with open(os.path.join(run_dir, "summary.json")) as f:
+                finished = int(json.load(f)["global_step"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{os.path.join(run_dir, 'summary.json')} is unreadable ({type(error).__name__}); "
+                             "restore it or start a new run")
+    if finished is not None and step < finished:
+        raise ValueError(f"run {run_dir} finished at {unit} {finished} but checkpoint {path} is at {unit} {step}: "
+                         "resuming would play the steps after it again and overwrite the finished run's summary and "
+                         f"curves; resume from a checkpoint at {unit} {finished} or start a new run")
+    # at the last step but without summary.json: stopped during the final evaluation or saving, which resume finishes
+    if step > total or (step == total and finished is not None):
+        raise ValueError(f"checkpoint {path} is at {unit} {step}, not below {fix}")
+    return run_dir
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, state: dict, device: torch.device) -> None:
@@ -1469,8 +1501,18 @@ def check_args(args: Args) -> None:
         raise ValueError(f"--data-fraction must be in (0, 1], got {args.data_fraction}; the paper uses 0.05, 0.1 and 0.5")
     if any(r < 0 for r in args.runs) or any(c < 0 for c in args.checkpoints):
         raise ValueError("--runs and --checkpoints take dataset run and checkpoint numbers (>= 0)")
+    for name in ("runs", "checkpoints"):
+        repeated = sorted({x for x in getattr(args, name) if getattr(args, name).count(x) > 1})
+        if repeated:
+            raise ValueError(f"--{name} lists {', '.join(map(str, repeated))} more than once; name each once")
     if args.checkpoint_keep < 1:
         raise ValueError(f"--checkpoint-keep must be at least 1, got {args.checkpoint_keep}")
+    if not args.exp_name or "/" in args.exp_name or os.sep in args.exp_name or "__" in args.exp_name:
+        raise ValueError(f"--exp-name {args.exp_name!r} must be a non-empty name without '/' or '__' (run directories are "
+                         "named game__exp-name__seed__time)")
+    if args.eval_episodes == 0 and args.eval_epsilon != Args.eval_epsilon:
+        raise ValueError(f"--eval-epsilon {args.eval_epsilon} applies to evaluation games and --eval-episodes is 0; "
+                         "drop --eval-epsilon or set --eval-episodes")
     if not 0 <= args.eval_epsilon <= 1:
         raise ValueError(f"--eval-epsilon must be in [0, 1], got {args.eval_epsilon}")
     if not 0 < args.gamma <= 1:
@@ -1648,6 +1690,9 @@ def prepare(args: Args):
     runs = args.runs or [sorted(present)[(args.seed - 1) % len(present)]]
     records = scan_dataset({r: present[r] for r in runs}, args.checkpoints, args.data_fraction, num_actions,
                            args.data_selection, args.seed)
+    if args.checkpoints_per_iteration > len(records):
+        raise ValueError(f"--checkpoints-per-iteration {args.checkpoints_per_iteration} exceeds the {len(records)} "
+                         f"checkpoint(s) selected (runs {list(runs)}); lower it, or 0 to load them all once")
     capacity = replay_capacity(records, args.checkpoints_per_iteration)
     if capacity < args.n_step + 5 or not any(r["rows"] >= args.n_step + 4 for r in records):
         raise DatasetError(f"{game_dir}: the selected part ({capacity} transitions of runs {list(runs)}) holds no "
@@ -1665,15 +1710,11 @@ def prepare(args: Args):
     if path:
         checkpoint = load_checkpoint(path, script, compared)
         total = args.num_iterations * args.gradient_steps_per_iteration
-        # at the last step but without summary.json: stopped during the final evaluation or saving, which resume
-        ended = os.path.exists(os.path.join(os.path.dirname(os.path.dirname(path)), "summary.json"))
-        if checkpoint["global_step"] > total or (checkpoint["global_step"] == total and ended):
-            raise ValueError(f"checkpoint {path} is at gradient step {checkpoint['global_step']}, not below "
-                             f"--num-iterations x --gradient-steps-per-iteration ({total}); raise --num-iterations")
+        run_dir = resumed_run_dir(path, checkpoint["global_step"], total, "gradient step",
+                                  f"--num-iterations x --gradient-steps-per-iteration ({total}); raise --num-iterations")
         if [list(x) for x in checkpoint["dataset"]] != dataset_fingerprint(records):
             raise ValueError(f"checkpoint {path} trained on other dataset files (runs, checkpoints, sizes or fraction) "
                              f"than {game_dir} holds now; resume with the same dataset")
-        run_dir = os.path.dirname(os.path.dirname(path))
     else:
         stamp = int(time.time())
         while os.path.exists(os.path.join(args.runs_dir, f"{prefix}{stamp}")):

@@ -47,7 +47,7 @@ class Args:
     seed: int = 1
     """seed of numpy, torch, the replay sampler and the environments"""
     torch_deterministic: bool = True
-    """make cuDNN deterministic (`torch.backends.cudnn.deterministic`)"""
+    """make cuDNN deterministic (`torch.backends.cudnn.deterministic`; CPU runs are reproducible either way)"""
     cuda: bool = True
     """use CUDA when it is available (networks, replay memory and sampling all live on the GPU)"""
     compile: bool = False
@@ -997,6 +997,9 @@ def scan_dataset(run_dirs: dict, checkpoints, fraction: float, num_actions: int,
     records = []
     for run, run_dir in sorted(run_dirs.items()):
         found = {int(m.group(2)) for m in map(DATASET_FILE.match, os.listdir(os.path.join(run_dir, "replay_logs"))) if m}
+        if not found:
+            raise DatasetError(f"{os.path.join(run_dir, 'replay_logs')} holds no *_ckpt.N.gz files; download the run's "
+                               "files (README) or choose other --runs")
         for checkpoint in sorted(checkpoints or found):
             paths = {name: dataset_file(run_dir, name, checkpoint) for name in [*DATASET_ARRAYS, "add_count"]}
             for path in paths.values():
@@ -1243,9 +1246,9 @@ def peak_memory(device: torch.device) -> dict:
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; the launcher requeues the job, which continues with --resume auto
 EXIT_NONFINITE = 3
 CHECKPOINT_FORMAT = 2  # 2: the lagged actor's copy; envs reseeded per segment, not per episode
-RESUMABLE_CHANGES = {"resume", "total_timesteps", "checkpoint_every", "checkpoint_keep", "checkpoint_replay", "cuda",
-                     "compile", "compile_mode", "tf32", "log_every", "print_every", "metrics_every", "save_model", "save_replay", "eval_episodes",
-                     "eval_epsilon", "eval_every"}
+RESUMABLE_CHANGES = {"resume", "runs_dir", "total_timesteps", "checkpoint_every", "checkpoint_keep",
+                     "checkpoint_replay", "cuda", "compile", "compile_mode", "tf32", "log_every", "print_every",
+                     "metrics_every", "save_model", "save_replay", "eval_episodes", "eval_epsilon", "eval_every"}
 
 
 def episode_seed(seed: int, env: int, episode: int) -> int:
@@ -1370,7 +1373,9 @@ def load_checkpoint(path: str, script: str, args: dict, mmap: bool = False) -> d
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # a truncated zip, a bad pickle, not a torch file at all
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:150]
+        # torch's own messages mislead here (a garbage file: "Weights only load failed... weights_only=False")
+        access = isinstance(error, (PermissionError, IsADirectoryError)) and error.strerror
+        reason = access or f"truncated, corrupt or not a checkpoint: {type(error).__name__}"
         raise ValueError(f"checkpoint {path} is unreadable ({reason}); resume from an earlier one or start without --resume")
     if not isinstance(state, dict) or "script" not in state or "args" not in state:
         raise ValueError(f"{path} is not a checkpoint of this project")
@@ -1384,6 +1389,33 @@ def load_checkpoint(path: str, script: str, args: dict, mmap: bool = False) -> d
             raise FlagMismatch(f"checkpoint {path} was written with --{key.replace('_', '-')} {state['args'].get(key)} "
                                f"but this run has {value}; resume with the checkpoint's flags")
     return state
+
+
+def resumed_run_dir(path: str, step: int, total: int, unit: str, fix: str) -> str:
+    """The run a checkpoint continues: RUN of RUN/checkpoints/step_N.pt. Refused: a file elsewhere (its grandparent
+    would receive the run's files), nothing left to train, and a finished run (summary.json) resumed from a checkpoint
+    before its end, which would play its last steps again and overwrite its summary and curves."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(parent) != "checkpoints" or not re.fullmatch(r"step_\d+\.pt", os.path.basename(path)):
+        raise ValueError(f"--resume {path}: a run continues from its own RUN/checkpoints/step_N.pt; pass that file or "
+                         "the run directory RUN")
+    run_dir = os.path.dirname(os.path.dirname(path)) or os.curdir
+    finished = None
+    if os.path.exists(os.path.join(run_dir, "summary.json")):
+        try:
+            with open(os.path.join(run_dir, "summary.json")) as f:
+                finished = int(json.load(f)["global_step"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{os.path.join(run_dir, 'summary.json')} is unreadable ({type(error).__name__}); "
+                             "restore it or start a new run")
+    if finished is not None and step < finished:
+        raise ValueError(f"run {run_dir} finished at {unit} {finished} but checkpoint {path} is at {unit} {step}: "
+                         "resuming would play the steps after it again and overwrite the finished run's summary and "
+                         f"curves; resume from a checkpoint at {unit} {finished} or start a new run")
+    # at the last step but without summary.json: stopped during the final evaluation or saving, which resume finishes
+    if step > total or (step == total and finished is not None):
+        raise ValueError(f"checkpoint {path} is at {unit} {step}, not below {fix}")
+    return run_dir
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, state: dict, device: torch.device) -> None:
@@ -1435,6 +1467,18 @@ def check_args(args: Args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.checkpoint_keep < 1:
         raise ValueError(f"--checkpoint-keep must be at least 1, got {args.checkpoint_keep}")
+    if not args.exp_name or "/" in args.exp_name or os.sep in args.exp_name or "__" in args.exp_name:
+        raise ValueError(f"--exp-name {args.exp_name!r} must be a non-empty name without '/' or '__' (run directories are "
+                         "named game__exp-name__seed__time)")
+    if args.eval_episodes == 0 and args.eval_epsilon != Args.eval_epsilon:
+        raise ValueError(f"--eval-epsilon {args.eval_epsilon} applies to evaluation games and --eval-episodes is 0; "
+                         "drop --eval-epsilon or set --eval-episodes")
+    if args.batch_size > args.buffer_size:
+        raise ValueError(f"--batch-size {args.batch_size} exceeds --buffer-size {args.buffer_size}: every batch would "
+                         "repeat transitions; lower --batch-size or raise --buffer-size")
+    if args.iteration_steps > args.total_timesteps and args.iteration_steps != Args.iteration_steps:
+        raise ValueError(f"--iteration-steps {args.iteration_steps} exceeds --total-timesteps {args.total_timesteps}: "
+                         "no iteration would end (charts/iteration_return); lower --iteration-steps")
     if args.replay_ratio <= 0:
         raise ValueError(f"--replay-ratio must be positive, got {args.replay_ratio}")
     if not 0 <= args.end_e <= args.start_e <= 1 or not 0 <= args.eval_epsilon <= 1:
@@ -1578,13 +1622,8 @@ def prepare(args: Args):
     checkpoint = None
     if path:
         checkpoint = load_checkpoint(path, script, vars(args))
-        # at the last step but without summary.json: stopped during the final evaluation or saving, which resume
-        ended = os.path.exists(os.path.join(os.path.dirname(os.path.dirname(path)), "summary.json"))
-        if checkpoint["global_step"] > args.total_timesteps or (
-                checkpoint["global_step"] == args.total_timesteps and ended):
-            raise ValueError(f"checkpoint {path} is at agent step {checkpoint['global_step']}, not below "
-                             f"--total-timesteps {args.total_timesteps}; raise --total-timesteps to train further")
-        run_dir = os.path.dirname(os.path.dirname(path))
+        run_dir = resumed_run_dir(path, checkpoint["global_step"], args.total_timesteps, "agent step",
+                                  f"--total-timesteps {args.total_timesteps}; raise --total-timesteps to train further")
     else:
         stamp = int(time.time())
         while os.path.exists(os.path.join(args.runs_dir, f"{prefix}{stamp}")):

@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import shutil
 import signal
 
 import pytest
@@ -225,9 +226,34 @@ def test_truncated_checkpoint_is_refused(checkpointed_run, tmp_path):
     path = tmp_path / "Breakout__trunc__1__1" / "checkpoints" / "step_000000000400.pt"
     path.parent.mkdir(parents=True)
     path.write_bytes(data[: len(data) // 2])
-    assert "is unreadable" in bad_resume(path, tmp_path)
+    assert "is unreadable (truncated, corrupt or not a checkpoint" in bad_resume(path, tmp_path)
     path.write_bytes(b"not a checkpoint at all")
-    assert "is unreadable" in bad_resume(path, tmp_path)
+    assert "is unreadable (truncated, corrupt or not a checkpoint" in bad_resume(path, tmp_path)
+
+
+def test_finished_run_is_not_resumed_from_before_its_end(checkpointed_run):
+    """Resuming a finished run from an earlier checkpoint would play its last steps again and overwrite its summary
+    and curves: refused, the run untouched (bad_resume)."""
+    earlier = sorted(glob.glob(f"{checkpointed_run}/checkpoints/*"))[0]
+    line = bad_resume(earlier, os.path.dirname(checkpointed_run))
+    assert "finished at agent step 400 but checkpoint" in line and "is at agent step 300" in line
+
+
+def test_checkpoint_outside_its_run_is_refused(checkpointed_run, tmp_path):
+    """A copied checkpoint file names no run: the run's files would land two folders above it."""
+    loose = tmp_path / "loose" / "ck.pt"
+    loose.parent.mkdir()
+    shutil.copy(sorted(glob.glob(f"{checkpointed_run}/checkpoints/*"))[-1], loose)
+    assert "a run continues from its own RUN/checkpoints/step_N.pt" in bad_resume(loose, tmp_path)
+
+
+def test_resume_path_does_not_compare_runs_dir(dqn, checkpointed_run):
+    """The checkpoint's path decides where the run continues; a moved run resumes without its old --runs-dir."""
+    path = sorted(glob.glob(f"{checkpointed_run}/checkpoints/*"))[-1]
+    saved = torch.load(path, weights_only=True, mmap=True)["args"]
+    dqn.load_checkpoint(path, "dqn_softmoe.py", {**saved, "runs_dir": "/somewhere/else"}, mmap=True)
+    with pytest.raises(ValueError, match="written with --seed"):
+        dqn.load_checkpoint(path, "dqn_softmoe.py", {**saved, "seed": 7}, mmap=True)
 
 
 def test_checkpoint_of_another_script_is_refused(tmp_path):

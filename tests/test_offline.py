@@ -6,6 +6,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import signal
 
 import numpy as np
@@ -644,6 +645,20 @@ def test_bad_data_on_the_command_line(tmp_path, case):
     assert not (tmp_path / "runs").exists()
 
 
+def test_dataset_selections_that_cannot_work_are_refused(cql, tmp_path):
+    """More checkpoints per iteration than selected, and a run whose replay_logs holds no checkpoint files: one line
+    each, naming the fix, nothing created."""
+    tiny_dataset(tmp_path / "data")  # run 1: checkpoints 0 and 1
+    args = dict(dataset_dir=str(tmp_path / "data"), runs_dir=str(tmp_path / "runs"), cuda=False, data_fraction=1.0)
+    with pytest.raises(ValueError, match=re.escape("--checkpoints-per-iteration 3 exceeds the 2 checkpoint(s)")):
+        cql.prepare(cql.with_agent_defaults(cql.Args(**args, checkpoints_per_iteration=3)))
+    (tmp_path / "data" / "Pong" / "2" / "replay_logs").mkdir(parents=True)
+    with pytest.raises(ValueError, match=re.escape("2/replay_logs holds no *_ckpt.N.gz files")):
+        cql.prepare(cql.with_agent_defaults(cql.Args(**args, runs=(2,))))
+    assert not (tmp_path / "runs").exists()
+    cql.prepare(cql.with_agent_defaults(cql.Args(**args, checkpoints_per_iteration=2)))
+
+
 def test_memory_is_checked_before_loading(cql, tmp_path, monkeypatch):
     tiny_dataset(tmp_path / "data")
     monkeypatch.setattr(cql, "available_memory", lambda device: (10**9, "host memory is available"))
@@ -669,6 +684,8 @@ def test_memory_is_checked_before_loading(cql, tmp_path, monkeypatch):
     (dict(num_atoms=21), "apply to --agent cql-c51"),
     (dict(n_step=0), "--n-step must be positive"),
     (dict(checkpoints_per_iteration=-1), "--checkpoints-per-iteration must be >= 0"),
+    (dict(checkpoints=(0, 1, 0)), "--checkpoints lists 0 more than once"),
+    (dict(runs=(1, 1)), "--runs lists 1 more than once"),
 ])
 def test_impossible_flags_are_refused(cql, flags, message):
     with pytest.raises(ValueError) as error:

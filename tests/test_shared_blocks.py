@@ -147,3 +147,26 @@ def test_cpu_networks_are_channels_last_and_compute_what_channels_first_ones_do(
         network.eval(), reference.eval()  # no noisy-net noise
         with torch.no_grad():
             torch.testing.assert_close(network(states), reference(states), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_flags_that_would_do_nothing_or_break_the_run_layout_are_refused(script):
+    """Every script refuses the same nonsense: an exp name that is no single run-directory part (report.py and
+    --resume auto split `game__exp-name__seed__time`), an evaluation epsilon without evaluation games; the online
+    ones also a batch larger than the replay, an explicit iteration longer than the run (no iteration_return), and
+    DER/DrQ an evaluation period longer than the run."""
+    module = load_script(script)
+    cases = [(dict(exp_name="a/b"), "must be a non-empty name without '/' or '__'"),
+             (dict(exp_name="a__b"), "must be a non-empty name without '/' or '__'"),
+             (dict(eval_episodes=0, eval_epsilon=0.05), "--eval-epsilon 0.05 applies to evaluation games")]
+    if script != "cql_softmoe":
+        cases += [(dict(batch_size=200, buffer_size=100), "--batch-size 200 exceeds --buffer-size 100"),
+                  (dict(total_timesteps=1000, iteration_steps=2000), "--iteration-steps 2000 exceeds --total-timesteps")]
+        module.check_args(module.Args(total_timesteps=1000))  # the default iteration: curves only, no refusal
+    if script in ("der_softmoe", "drq_softmoe"):
+        cases += [(dict(total_timesteps=1000, eval_every=2000), "--eval-every 2000 exceeds --total-timesteps 1000")]
+    for flags, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            module.check_args(module.Args(**flags))
+    module.check_args(module.Args(eval_episodes=0))
+    assert "runs_dir" in module.RESUMABLE_CHANGES  # --resume PATH decides where the run continues, not --runs-dir
