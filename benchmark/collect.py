@@ -8,7 +8,15 @@ none has finished yet). Events are read with tensorboard's own `EventAccumulator
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # a library module, not a command: say which one to run
+    print("collect.py: error: this module is a library; run python benchmark/report.py --help", file=sys.stderr)
+    sys.exit(2)
+
 import concurrent.futures
+import glob
+import logging
 import os
 from dataclasses import dataclass
 
@@ -79,18 +87,48 @@ def discover(experiment: Experiment, runs_dir: str, tag: str = "", partial: bool
     return records, counts
 
 
-def read_scalars(path: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """{tag: (steps, values, wall_times)} of every scalar in a run directory."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+class _DataLoss(logging.Handler):
+    """Collects tensorboard's "Truncated record in FILE (ERROR)": where it stops reading a damaged event file, which it
+    says only at debug level (the events after that point are lost without a word)."""
 
-    acc = EventAccumulator(path, size_guidance={"scalars": 0})
-    acc.Reload()
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.seen: list[str] = []
+
+    def emit(self, record):
+        if str(record.msg).startswith("Truncated record in") and len(record.args or ()) == 2:
+            path, error = str(record.args[0]), str(record.args[1])
+            reason = error.replace(repr(path.encode()), "").replace(path, "").strip() or "DataLossError"
+            self.seen.append(f"{path}: unreadable from a damaged or cut record on ({reason})")
+
+
+def read_scalars(path: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], list[str]]:
+    """({tag: (steps, values, wall_times)} of every scalar in a run directory, [one line per unreadable event file])."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tb_logging
+
+    if not glob.glob(os.path.join(glob.escape(path), "*tfevents*")):
+        return {}, [f"{path}: no TensorBoard event file"]
+    logger, catch = tb_logging.get_logger(), _DataLoss()
+    level, propagate = logger.level, logger.propagate
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False  # tensorboard's other debug lines stay quiet
+    logger.addHandler(catch)
+    try:
+        acc = EventAccumulator(path, size_guidance={"scalars": 0})
+        acc.Reload()
+    except Exception as error:  # unreadable file or directory, an undecodable event: the report goes on without it
+        return {}, [f"{path}: unreadable ({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''})"]
+    finally:
+        logger.removeHandler(catch)
+        logger.setLevel(level)
+        logger.propagate = propagate
     out = {}
     for tag in acc.Tags()["scalars"]:
         events = acc.Scalars(tag)
         out[tag] = (np.array([e.step for e in events], dtype=np.int64), np.array([e.value for e in events], float),
                     np.array([e.wall_time for e in events], float))
-    return out
+    return out, catch.seen
 
 
 def active_hours(scalars: dict) -> callable:
@@ -101,9 +139,9 @@ def active_hours(scalars: dict) -> callable:
     return lambda t: np.interp(t, walls, elapsed) / 3600.0
 
 
-def read_run(record: RunRecord, metric: str, with_metrics: bool) -> tuple[list[dict], list[dict]]:
-    """Rows of the returns table and (optionally) of the analysis-metrics table for one run."""
-    scalars = read_scalars(record.path)
+def read_run(record: RunRecord, metric: str, with_metrics: bool) -> tuple[list[dict], list[dict], list[str]]:
+    """Rows of the returns table and (optionally) of the analysis-metrics table for one run, and its unreadable files."""
+    scalars, problems = read_scalars(record.path)
     hours = active_hours(scalars)
     base = {"variant": record.variant, "game": record.game, "seed": record.seed, "finished": record.finished}
     returns = []
@@ -120,12 +158,13 @@ def read_run(record: RunRecord, metric: str, with_metrics: bool) -> tuple[list[d
         for tag, (steps, values, _) in scalars.items():
             if tag.startswith("metrics/") or tag.startswith("moe/"):
                 metrics += [{**base, "step": int(s), "metric": tag, "value": float(v)} for s, v in zip(steps, values)]
-    return returns, metrics
+    return returns, metrics, problems
 
 
 def collect(experiment: Experiment, runs_dir: str, tag: str = "", partial: bool = False, workers: int = 1,
             steps: int | None = None):
-    """Returns (returns table, metrics table or None, counts). Frames = 4 x agent steps (x 1 for offline)."""
+    """Returns (returns table, metrics table or None, counts). Frames = 4 x agent steps (x 1 for offline). counts also
+    lists the unreadable event files ("unreadable": one line each) and the runs without a score ("without_scores")."""
     records, counts = discover(experiment, runs_dir, tag, partial, steps)
     variants = {v.name: v for v in experiment.variants}
     with_metrics = "metrics" in experiment.plots
@@ -135,10 +174,13 @@ def collect(experiment: Experiment, runs_dir: str, tag: str = "", partial: bool 
             results = list(pool.map(read_run, *zip(*jobs)))
     else:
         results = [read_run(*job) for job in jobs]
-    returns = [row for rows, _ in results for row in rows]
-    metrics = [row for _, rows in results for row in rows]
+    returns = [row for rows, _, _ in results for row in rows]
+    metrics = [row for _, rows, _ in results for row in rows]
     counts["runs"] = len(records)
-    counts["runs_without_scores"] = sum(1 for rows, _ in results if not rows)
+    counts["unreadable"] = [line for _, _, problems in results for line in problems]
+    counts["without_scores"] = [f"{job[0].path}: no `{job[1]}` logged; the run is left out of every table"
+                                for job, (rows, _, _) in zip(jobs, results) if not rows]
+    counts["runs_without_scores"] = len(counts["without_scores"])
     columns = ["experiment", "variant", "game", "seed", "step", "frames", "hours", "return", "normalized", "finished"]
     table = pd.DataFrame(returns, columns=[c for c in columns if c not in ("experiment", "frames", "normalized")])
     table.insert(0, "experiment", experiment.name)

@@ -12,6 +12,12 @@ so a requeued or relaunched run continues from its checkpoint.
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # a library module, not a command: say which one to run
+    print("launch.py: error: this module is a library; run python benchmark/run.py --help", file=sys.stderr)
+    sys.exit(2)
+
 import concurrent.futures
 import json
 import os
@@ -19,7 +25,6 @@ import queue
 import shlex
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -140,7 +145,9 @@ def launch_local(runs: list[Run], jobs: int = 1, gpus: list[str] | None = None, 
     Returns {"finished": [...], "failed": [...], "interrupted": [...], "not_started": [...]}.
     """
     gpus = visible_gpus() if gpus is None else gpus
-    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    threads = threads if threads is not None else max(1, (os.cpu_count() or 1) // jobs)
     slots: queue.Queue = queue.Queue()
     for i in range(jobs):
         slots.put(gpus[i % len(gpus)] if gpus else "")

@@ -10,6 +10,12 @@
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # a library module, not a command: say which one to run
+    print("plots.py: error: this module is a library; run python benchmark/report.py --help", file=sys.stderr)
+    sys.exit(2)
+
 import math
 import textwrap
 

@@ -11,6 +11,12 @@ run directory `{runs_dir}/{Game}__{exp_name}__{seed}__{unix_time}` tells which c
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # a library module, not a command: say which one to run
+    print("registry.py: error: this module is a library; run python benchmark/run.py --help", file=sys.stderr)
+    sys.exit(2)
+
 import csv
 import dataclasses
 import difflib
@@ -19,7 +25,6 @@ import functools
 import importlib.util
 import os
 import re
-import sys
 from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))

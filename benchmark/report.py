@@ -1,6 +1,7 @@
 """Collect an experiment's runs and write its tables, statistics and figures.
 
     python benchmark/report.py fig1                       # reads runs/, writes results/fig1/
+    python benchmark/report.py fig1 --steps 600           # a run.py --steps 600 quick look: results/fig1-steps600/
     python benchmark/report.py fig1 --runs-dir /scratch/runs --out results/fig1 --partial
 
 Writes returns.csv (the tidy table: experiment, variant, game, seed, step, frames, hours, return, normalized,
@@ -46,7 +47,13 @@ def markdown_summary(experiment: Experiment, runs_dir: str, tag: str, counts: di
               + (f"{counts['runs'] - unfinished} finished, {unfinished} unfinished included (--partial)." if unfinished
                  else f"{counts['runs']} finished; {counts['unfinished_skipped']} unfinished skipped (--partial includes them).")
               + (f" {counts['other_budget_skipped']} finished runs of another budget skipped (a --steps quick look, or "
-                 "the full runs when reporting with --steps)." if counts.get("other_budget_skipped") else ""),
+                 "the full runs when reporting with --steps)." if counts.get("other_budget_skipped") else "")
+              + (f" {len(counts['without_scores'])} of them have no score and are left out of every table: "
+                 + ", ".join(f"`{os.path.basename(p.split(': ', 1)[0])}`" for p in counts["without_scores"]) + "."
+                 if counts.get("without_scores") else "")
+              + (f" {len(counts['unreadable'])} event files could not be read, whole or in part (their events from the "
+                 "damage on are lost): " + "; ".join(f"`{line}`" for line in counts["unreadable"]) + "."
+                 if counts.get("unreadable") else ""),
               "Score of a run: " + ("its last logged" if options["window"] == 1 else f"the mean of its last {options['window']}")
               + f" `{'`, `'.join(tags)}`" + (f" at or before agent step {options['at_step']:,}" if options["at_step"] else "")
               + ", human-normalised with benchmark/atari_scores.csv. Intervals: 95% stratified bootstrap (rliable; "
@@ -89,13 +96,36 @@ def markdown_summary(experiment: Experiment, runs_dir: str, tag: str, counts: di
     return "\n".join(lines) + "\n"
 
 
+def stack(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """The frames one after the other; empty ones only give the columns (pandas warns about concatenating them)."""
+    full = [f for f in frames if not f.empty]
+    return pd.concat(full, ignore_index=True) if full else frames[0]
+
+
+def default_out(experiment: str, tag: str = "", steps: int | None = None) -> str:
+    """results/{experiment}[-{tag}][-steps{N}]: a --steps quick look never overwrites the full report."""
+    return os.path.join("results", experiment + (f"-{tag}" if tag else "") + (f"-steps{steps}" if steps else ""))
+
+
+def warn_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def report(experiment: Experiment, runs_dir: str = "runs", out: str | None = None, tag: str = "", partial: bool = False,
            at_step: int | None = None, window: int = 1, reps: int = 50_000, curve_reps: int = 2_000,
-           poi_reps: int = 2_000, seed: int = 0, workers: int = 1, say=print, steps: int | None = None) -> dict[str, str]:
+           poi_reps: int = 2_000, seed: int = 0, workers: int = 1, say=print, steps: int | None = None,
+           warn=warn_stderr) -> dict[str, str]:
     """Collect, aggregate and plot one experiment; returns {name: path} of everything written. `steps`: the runs'
-    budget when they were launched with run.py --steps (else each variant's own)."""
-    out = out or os.path.join("results", experiment.name + (f"-{tag}" if tag else ""))
+    budget when they were launched with run.py --steps (else each variant's own). `warn` gets one line per unreadable
+    event file and per run without a score."""
+    out = out or default_out(experiment.name, tag, steps)
+    if not os.path.isdir(runs_dir):
+        raise BenchmarkError(f"--runs-dir {runs_dir} " + ("is not a directory" if os.path.exists(runs_dir) else
+                                                           "does not exist") + "; pass the --runs-dir the runs were "
+                             "launched with (default: runs)")
     returns, metrics, counts = collect(experiment, runs_dir, tag, partial, workers, steps)
+    for line in counts["unreadable"] + counts["without_scores"]:  # left out, but never silently
+        warn(f"warning: {line}")
     if returns.empty:
         found = counts["directories"]
         hint = (f"{counts['unfinished_skipped']} unfinished (use --partial to include them)"
@@ -113,8 +143,8 @@ def report(experiment: Experiment, runs_dir: str = "runs", out: str | None = Non
         written[name] = path
 
     save_csv("returns.csv", returns)
-    if metrics is not None and not metrics.empty:
-        save_csv("metrics.csv", metrics)
+    if metrics is not None:
+        save_csv("metrics.csv", metrics)  # written even when empty: no stale table of an earlier report stays
     final = stats.final_scores(returns, at_step, window)
     final.insert(0, "experiment", experiment.name)
     save_csv("final_scores.csv", final)
@@ -126,69 +156,87 @@ def report(experiment: Experiment, runs_dir: str = "runs", out: str | None = Non
 
     figures = []
 
-    def keep(name: str, path: str | None) -> None:
-        if path:
+    def keep(name: str, draw, path: str) -> None:
+        if draw(path):
             figures.append(path)
             written[name] = path
+        elif os.path.exists(path):  # nothing to draw now: an earlier report's figure would pass for this one's
+            os.remove(path)
 
     prefix = os.path.join(out, experiment.name)
     if "scaling" in experiment.plots:
-        keep("scaling", plots.plot_scaling(aggregates, experiment, f"{prefix}_iqm_vs_{slug(experiment.x_label)}.png"))
+        keep("scaling", lambda f: plots.plot_scaling(aggregates, experiment, f),
+             f"{prefix}_iqm_vs_{slug(experiment.x_label)}.png")
     if "curves" in experiment.plots:
-        curves = pd.concat([stats.iqm_curve(returns, final, p, "step", reps=curve_reps, seed=seed)
-                            for p in experiment.panels], ignore_index=True)
-        if not curves.empty:
-            save_csv("curves.csv", curves)
-        keep("curves", plots.plot_curves(curves, experiment, f"{prefix}_iqm_curves.png"))
+        curves = stack([stats.iqm_curve(returns, final, p, "step", reps=curve_reps, seed=seed) for p in experiment.panels])
+        save_csv("curves.csv", curves)  # a header only when empty: no stale curves of an earlier report stay
+        keep("curves", lambda f: plots.plot_curves(curves, experiment, f), f"{prefix}_iqm_curves.png")
     if "walltime" in experiment.plots:
-        hours = pd.concat([stats.iqm_curve(returns, final, p, "hours", reps=curve_reps, seed=seed)
-                           for p in experiment.panels], ignore_index=True)
-        if not hours.empty:
-            save_csv("walltime_curves.csv", hours)
-        keep("walltime", plots.plot_curves(hours, experiment, f"{prefix}_iqm_vs_hours.png", axis="hours"))
+        hours = stack([stats.iqm_curve(returns, final, p, "hours", reps=curve_reps, seed=seed) for p in experiment.panels])
+        save_csv("walltime_curves.csv", hours)
+        keep("walltime", lambda f: plots.plot_curves(hours, experiment, f, axis="hours"), f"{prefix}_iqm_vs_hours.png")
     if "metrics" in experiment.plots:
-        keep("metrics", plots.plot_metrics(returns, metrics, experiment, f"{prefix}_metrics.png"))
+        keep("metrics", lambda f: plots.plot_metrics(returns, metrics, experiment, f), f"{prefix}_metrics.png")
     for panel in experiment.panels:
-        keep(f"per_game:{panel.title}",
-             plots.plot_per_game(final, experiment, panel, f"{prefix}_per_game_{slug(panel.title)}.png"))
+        keep(f"per_game:{panel.title}", lambda f: plots.plot_per_game(final, experiment, panel, f),
+             f"{prefix}_per_game_{slug(panel.title)}.png")
         if "profiles" in experiment.plots:
             scores = final.loc[final["variant"].isin(panel.variants), "normalized"].dropna()
             taus = np.linspace(min(0.0, scores.min()), max(1.0, scores.max()), 81) if len(scores) else TAUS
             profiles, cis = stats.performance_profiles(final, panel, taus, poi_reps, seed)
-            keep(f"profiles:{panel.title}", plots.plot_profiles(profiles, cis, taus, experiment, panel,
-                                                                f"{prefix}_profiles_{slug(panel.title)}.png"))
+            keep(f"profiles:{panel.title}", lambda f: plots.plot_profiles(profiles, cis, taus, experiment, panel, f),
+                 f"{prefix}_profiles_{slug(panel.title)}.png")
     options = {"window": window, "at_step": at_step, "reps": reps, "poi_reps": poi_reps, "seed": seed}
     summary = markdown_summary(experiment, runs_dir, tag, counts, final, aggregates, poi, figures, options)
     path = os.path.join(out, "summary.md")
     with open(path, "w") as f:
         f.write(summary)
     written["summary.md"] = path
-    say(f"{experiment.name}: {counts['runs']} runs, {len(returns)} scores -> {out}/ "
+    unscored = f" ({len(counts['without_scores'])} without a score, left out)" if counts["without_scores"] else ""
+    say(f"{experiment.name}: {counts['runs']} runs{unscored}, {len(returns)} logged returns -> {out}/ "
         f"({len([k for k in written if k.endswith('.csv')])} CSV files, {len(figures)} figures, summary.md)")
     return written
 
 
+# None in the parser, so run.py can tell an option given from its default (and refuse it without --report)
+REPORT_DEFAULTS = {"final_window": 1, "reps": 50_000, "curve_reps": 2_000, "poi_reps": 2_000, "stats_seed": 0,
+                   "workers": min(8, os.cpu_count() or 1)}
+
+
 def add_report_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default=None, help="output directory (default results/{experiment}[-{tag}])")
+    d = REPORT_DEFAULTS
+    parser.add_argument("--out", default=None,
+                        help="output directory (default results/{experiment}[-{tag}], with -steps{N} after --steps N)")
     parser.add_argument("--partial", action="store_true", help="include unfinished runs (their latest scores)")
     parser.add_argument("--at-step", type=int, default=None, help="score runs at this agent step instead of at their end")
-    parser.add_argument("--final-window", type=int, default=1, help="average the last K logged scores of each run")
-    parser.add_argument("--reps", type=int, default=50_000, help="bootstrap replications for IQM/median/mean CIs")
-    parser.add_argument("--curve-reps", type=int, default=2_000, help="bootstrap replications per curve")
-    parser.add_argument("--poi-reps", type=int, default=2_000,
-                        help="bootstrap replications for probability of improvement and performance profiles")
-    parser.add_argument("--stats-seed", type=int, default=0, help="numpy seed of the bootstraps")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="processes reading TensorBoard files")
+    parser.add_argument("--final-window", type=int, default=None,
+                        help=f"average the last K logged scores of each run (default {d['final_window']})")
+    parser.add_argument("--reps", type=int, default=None,
+                        help=f"bootstrap replications for IQM/median/mean CIs (default {d['reps']:,})")
+    parser.add_argument("--curve-reps", type=int, default=None,
+                        help=f"bootstrap replications per curve (default {d['curve_reps']:,})")
+    parser.add_argument("--poi-reps", type=int, default=None,
+                        help="bootstrap replications for probability of improvement and performance profiles "
+                             f"(default {d['poi_reps']:,})")
+    parser.add_argument("--stats-seed", type=int, default=None, help=f"numpy seed of the bootstraps (default {d['stats_seed']})")
+    parser.add_argument("--workers", type=int, default=None,
+                        help=f"processes reading TensorBoard files (default {d['workers']})")
+
+
+def given_report_options(args) -> list[str]:
+    """The report options given on the command line (not left at their defaults)."""
+    names = ["out", "partial", "at_step", *REPORT_DEFAULTS]
+    return ["--" + n.replace("_", "-") for n in names if getattr(args, n) not in (None, False)]
 
 
 def report_from_args(args, experiment: Experiment) -> dict[str, str]:
-    if args.final_window < 1 or args.reps < 1 or args.curve_reps < 1 or args.poi_reps < 1:
-        raise BenchmarkError("--final-window and the --*reps options must be positive")
+    o = {k: REPORT_DEFAULTS[k] if getattr(args, k) is None else getattr(args, k) for k in REPORT_DEFAULTS}
+    if o["final_window"] < 1 or o["reps"] < 1 or o["curve_reps"] < 1 or o["poi_reps"] < 1 or o["workers"] < 1:
+        raise BenchmarkError("--final-window, --workers and the --*reps options must be positive")
     if getattr(args, "steps", None) is not None and args.steps < 1:
         raise BenchmarkError("--steps must be positive")
-    return report(experiment, args.runs_dir, args.out, args.tag, args.partial, args.at_step, args.final_window,
-                  args.reps, args.curve_reps, args.poi_reps, args.stats_seed, args.workers,
+    return report(experiment, args.runs_dir, args.out, args.tag, args.partial, args.at_step, o["final_window"],
+                  o["reps"], o["curve_reps"], o["poi_reps"], o["stats_seed"], o["workers"],
                   steps=getattr(args, "steps", None))
 
 

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 
 import numpy as np
 import torch
@@ -179,18 +180,23 @@ def full_loop(script: str, flags: list[str], learning_starts: int, total: int, d
             "peak_gpu_bytes": summary.get("peak_gpu_memory_bytes"), "peak_gpu_reserved_bytes": summary.get("peak_gpu_reserved_bytes")}
 
 
+def script_args(module, moe_type: str, opts):
+    """(the script's Args for this measurement, the overrides it was built from)."""
+    overrides = dict(env_id=opts.env_id, moe_type=moe_type, num_experts=opts.num_experts if moe_type != "baseline" else 1,
+                     encoder=opts.encoder, num_envs=opts.num_envs, buffer_size=opts.buffer_size, compile=opts.compile,
+                     compile_mode=getattr(opts, "compile_mode", "default"), tf32=getattr(opts, "tf32", False),
+                     lagged_actor=getattr(opts, "lagged_actor", False), cuda=opts.device == "cuda")
+    fields = set(module.Args.__dataclass_fields__)
+    return module.Args(**{k: v for k, v in overrides.items() if k in fields}), overrides
+
+
 def measure(script: str, moe_type: str, opts) -> dict:
     module = load_script_module(script)
     spec = SCRIPTS[script]
     protocol = PROTOCOL[spec.kind]
     device = torch.device(opts.device)
     rom = module.resolve_rom(opts.env_id)
-    overrides = dict(env_id=opts.env_id, moe_type=moe_type, num_experts=opts.num_experts if moe_type != "baseline" else 1,
-                     encoder=opts.encoder, num_envs=opts.num_envs, buffer_size=opts.buffer_size, compile=opts.compile,
-                     compile_mode=getattr(opts, "compile_mode", "default"), tf32=getattr(opts, "tf32", False),
-                     lagged_actor=getattr(opts, "lagged_actor", False), cuda=device.type == "cuda")
-    fields = set(module.Args.__dataclass_fields__)
-    args = module.Args(**{k: v for k, v in overrides.items() if k in fields})
+    args, overrides = script_args(module, moe_type, opts)
     envs = module.make_env(rom, 1, protocol)
     num_actions = int(envs.single_action_space.n)
     envs.close()
@@ -284,7 +290,69 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
-def main() -> None:
+def check_options(opts) -> None:
+    """Every refusal, before anything is measured or written: one line each (speed.py: error: ...)."""
+    def refuse(message: str) -> None:
+        sys.exit(f"speed.py: error: {message}")
+
+    existing = [name for name, spec in SCRIPTS.items() if spec.exists()]
+    unknown = [s for s in opts.scripts if s not in SCRIPTS or not SCRIPTS[s].exists()]
+    if unknown:
+        refuse(f"unknown or missing scripts {unknown}; present: {existing}")
+    if opts.device not in ("cpu", "cuda"):
+        refuse(f"--device {opts.device!r}: use cpu or cuda")
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        refuse("--device cuda but torch sees no GPU; use --device cpu")
+    if opts.compile_mode != "default" and not (opts.compile and opts.device == "cuda"):
+        refuse(f"--compile-mode {opts.compile_mode} needs --compile and --device cuda")
+    if opts.profile < 0:
+        refuse(f"--profile must be >= 0, got {opts.profile}")
+    if opts.tf32 and opts.device != "cuda":
+        refuse("--tf32 applies to --device cuda")
+    for name in ("num_experts", "num_envs", "steps", "updates", "fill", "buffer_size"):
+        if getattr(opts, name) < 1:  # 0 steps or updates would be timed as a rate of 0
+            refuse(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}")
+    if opts.no_learning_loop and not opts.full_loop:
+        refuse("--no-learning-loop times a real run, which --no-full-loop skips; drop one or the other")
+    if opts.loop_warmup < 0 or opts.loop_steps < 1:
+        refuse("--loop-warmup must be >= 0 and --loop-steps at least 1")
+    online = [s for s in opts.scripts if SCRIPTS[s].kind != "offline"]
+    per_env = opts.fill // opts.num_envs if online else opts.fill
+    if per_env < 51:  # fill_replay writes episodes of 51 steps; updates sample n-step windows of whole frame stacks
+        refuse(f"--fill {opts.fill} gives {per_env} random steps per env; at least 51 (one whole episode) are needed")
+    if online and opts.fill > opts.buffer_size:
+        refuse(f"--fill {opts.fill} exceeds --buffer-size {opts.buffer_size}: the replay would wrap; lower --fill or raise "
+               "--buffer-size")
+    if opts.out:
+        out, parent = opts.out, os.path.dirname(os.path.abspath(opts.out))
+        if os.path.isdir(out) or out.endswith(os.sep):
+            refuse(f"--out {out} is a directory; give a file name, e.g. {os.path.join(out, 'speed.md')}")
+        if os.path.splitext(out)[1] == ".json":
+            refuse(f"--out {out}: the numbers go to the .json beside the table; give the table a .md name")
+        if not os.path.isdir(parent):
+            refuse(f"--out {out}: folder {parent} does not exist; create it first")
+        if not os.access(parent, os.W_OK) or any(os.path.exists(f) and not os.access(f, os.W_OK)
+                                                 for f in (out, os.path.splitext(out)[0] + ".json")):
+            refuse(f"--out {out}: cannot write there")
+    for script in opts.scripts:  # the scripts' own checks: game names, MoE types, flag values
+        module = load_script_module(script)
+        choices = typing.get_args(typing.get_type_hints(module.Args)["moe_type"])
+        bad = [m for m in opts.moe_types if m not in choices]
+        if bad:
+            refuse(f"--moe-types {' '.join(bad)}: {script}.py has {', '.join(choices)}")
+        try:
+            module.resolve_rom(opts.env_id)
+        except ValueError as error:
+            refuse(f"--env-id: {error}")
+        for moe in opts.moe_types:
+            args, _ = script_args(module, moe, opts)
+            try:
+                module.check_args(module.with_agent_defaults(args) if hasattr(module, "with_agent_defaults") else args)
+            except ValueError as error:
+                refuse(f"{script}.py refuses these settings: {error}")
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     existing = [name for name, spec in SCRIPTS.items() if spec.exists()]
     parser.add_argument("--scripts", nargs="+", default=existing, help="scripts to measure (default: all present)")
@@ -310,19 +378,11 @@ def main() -> None:
                         help="also time a real run of --loop-steps steps in which learning never starts (the loop's cost)")
     parser.add_argument("--loop-warmup", type=int, default=1000, help="agent steps before learning in the real runs")
     parser.add_argument("--loop-steps", type=int, default=2000, help="agent steps timed in the real runs")
-    parser.add_argument("--out", default=None, help="write the Markdown table here (and the numbers as .json beside it)")
-    opts = parser.parse_args()
-    unknown = [s for s in opts.scripts if s not in SCRIPTS or not SCRIPTS[s].exists()]
-    if unknown:
-        sys.exit(f"speed.py: error: unknown or missing scripts {unknown}; present: {existing}")
-    if opts.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("speed.py: error: --device cuda but torch sees no GPU; use --device cpu")
-    if opts.compile_mode != "default" and not (opts.compile and opts.device == "cuda"):
-        sys.exit(f"speed.py: error: --compile-mode {opts.compile_mode} needs --compile and --device cuda")
-    if opts.profile < 0:
-        sys.exit(f"speed.py: error: --profile must be >= 0, got {opts.profile}")
-    if opts.tf32 and opts.device != "cuda":
-        sys.exit("speed.py: error: --tf32 applies to --device cuda")
+    parser.add_argument("--out", default=None,
+                        help="write the Markdown table to this file (its folder must exist; the numbers go to a .json "
+                             "beside it)")
+    opts = parser.parse_args(argv)
+    check_options(opts)
     machine = (torch.cuda.get_device_name(0) if opts.device == "cuda" else
                f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads") + f", torch {torch.__version__}"
     results = []
@@ -332,8 +392,7 @@ def main() -> None:
             print(json.dumps(results[-1]), flush=True)
     table = markdown(results, opts, machine)
     print(table)
-    if opts.out:
-        os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
+    if opts.out:  # checked at start-up (a folder, a missing folder): the measurements are not lost at the end
         with open(opts.out, "w") as f:
             f.write(table)
         with open(os.path.splitext(opts.out)[0] + ".json", "w") as f:

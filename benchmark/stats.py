@@ -7,6 +7,12 @@ rliable ignores its `random_state` argument, so every bootstrap seeds numpy's gl
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # a library module, not a command: say which one to run
+    print("stats.py: error: this module is a library; run python benchmark/report.py --help", file=sys.stderr)
+    sys.exit(2)
+
 import warnings
 
 import numpy as np
@@ -185,7 +191,7 @@ def iqm_curve(returns: pd.DataFrame, final: pd.DataFrame, panel: Panel, axis: st
         for k, x in enumerate(grid):
             rows.append({"panel": panel.title, "variant": v, "label": panel.label_of(v), axis: x,
                          "iqm": point[v][k], "low": interval[v][0, k], "high": interval[v][1, k]})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["panel", "variant", "label", axis, "iqm", "low", "high"])  # a header when empty
 
 
 def per_game_table(final: pd.DataFrame, experiment: Experiment) -> pd.DataFrame:

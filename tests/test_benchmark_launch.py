@@ -40,18 +40,18 @@ def test_local_launch_skips_finished_runs_and_reports(tmp_path, capsys):
 
     # the same sweep with two more variants: the finished run is skipped, the two others run side by side
     second = run_py("fig1", "--variants", "dqn-baseline-1", "dqn-softmoe-1", "dqn-softmoe-2", *TINY, "--runs-dir", runs,
-                    "--jobs", "2", "--gpus", "0,1", "--report", "--reps", "200", "--curve-reps", "20", "--poi-reps",
+                    "--jobs", "2", "--report", "--reps", "200", "--curve-reps", "20", "--poi-reps",
                     "20", "--workers", "1", *SCRIPT_FLAGS, cwd=tmp_path)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "3 runs planned, 1 already finished, 2 to run" in second.stdout
-    assert "on GPU 0" in second.stdout and "on GPU 1" in second.stdout  # one run per slot, slots spread over GPUs
     names = finished(runs)
     assert len(names) == 3 and done in names  # nothing rerun, nothing deleted
     for name in names:
         summary = json.load(open(os.path.join(runs, name, "summary.json")))
         assert summary["global_step"] == 300 and summary["args"]["resume"] == "auto"
         assert os.path.exists(os.path.join(runs, "launcher-logs", name.rsplit("__", 1)[0] + ".log"))
-    out = tmp_path / "results" / "fig1"
+    out = tmp_path / "results" / "fig1-steps300"  # a quick look's report: never over the full one in results/fig1
+    assert not (tmp_path / "results" / "fig1").exists()
     for name in ("returns.csv", "final_scores.csv", "aggregates.csv", "summary.md", "fig1_iqm_vs_number-of-experts.png"):
         assert (out / name).stat().st_size > 0, name
     assert "| SoftMoE (2 experts) | `fig1-dqn-softmoe-2` |" in (out / "summary.md").read_text()
@@ -65,6 +65,26 @@ def test_local_launch_skips_finished_runs_and_reports(tmp_path, capsys):
     other = run_main(capsys, "fig1", "--variants", "dqn-baseline-1", *TINY[:-1], "400", "--runs-dir", runs, "--dry-run",
                      *SCRIPT_FLAGS)
     assert "0 finished, 1 to run" in other
+
+
+def test_local_slots_are_spread_over_the_gpus_with_their_threads(tmp_path):
+    """--jobs N: N slots spread round robin over the GPUs; each run gets its slot's GPU and --threads-per-run."""
+    from benchmark.launch import launch_local
+
+    python = tmp_path / "fake-python"  # stands in for the interpreter: records the GPU and threads each run was given
+    python.write_text(f"#!/bin/sh\necho \"$CUDA_VISIBLE_DEVICES $OMP_NUM_THREADS\" > {tmp_path}/run-$$\n")
+    python.chmod(0o755)
+    runs = plan(EXPERIMENTS["fig1"], variants=["dqn-softmoe-1"], games=["Breakout"], seeds=4, steps=300,
+                runs_dir=str(tmp_path / "runs"), resume=False)
+    said = []
+    outcome = launch_local(runs, jobs=2, gpus=["0", "1"], threads=3, log_dir=str(tmp_path / "logs"),
+                           python=str(python), say=said.append)
+    assert len(outcome["finished"]) == 4
+    seen = sorted(open(p).read().split() for p in glob.glob(f"{tmp_path}/run-*"))
+    assert {gpu for gpu, _ in seen} == {"0", "1"} and {threads for _, threads in seen} == {"3"}
+    assert any("on GPU 0" in line for line in said) and any("on GPU 1" in line for line in said)
+    with pytest.raises(ValueError, match="threads must be at least 1"):  # 0 is refused, not replaced by the default
+        launch_local(runs, jobs=1, gpus=[], threads=0, log_dir=str(tmp_path / "logs"), python=str(python))
 
 
 def run_main(capsys, *args):

@@ -210,3 +210,78 @@ def test_bad_options_are_one_clear_line(capsys, args, message):
     assert run.main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1, err
+
+
+QUICK = ["fig1", "--variants", "dqn-softmoe-1", "--games", "Pong", "--seeds", "1", "--dry-run"]
+
+
+@pytest.mark.parametrize("args,message", [
+    # flags after -- may add to a plan, never change what it sets
+    ([*QUICK, "--", "--num-experts", "4"], "run.py: error: -- --num-experts: variant dqn-softmoe-1 is defined by "
+                                           "`--num-experts 1` and its runs would be named and plotted as it"),
+    ([*QUICK, "--", "--moe-type", "baseline", "--random-phi"], "run.py: error: -- --moe-type: variant dqn-softmoe-1 is "
+                                                               "defined by `--moe-type softmoe`"),
+    ([*QUICK, "--", "--seed", "3"], "run.py: error: -- --seed: run.py plans --seed for every run; use --seeds instead"),
+    ([*QUICK, "--steps", "600", "--", "--buffer-size", "50"], "run.py: error: -- --buffer-size: the plan sets "
+                                                               "`--buffer-size 600` for dqn-softmoe-1"),
+    # ... and are checked against the script's own Args before anything starts
+    ([*QUICK, "--", "--bogus-flag", "3"], "run.py: error: -- --bogus-flag: dqn_softmoe.py has no such flag; see "
+                                          "python dqn_softmoe.py --help"),
+    ([*QUICK, "--", "--learning-startz", "3"], "run.py: error: -- --learning-startz: dqn_softmoe.py has no such flag "
+                                               "(did you mean --learning-starts"),
+    ([*QUICK, "--", "--learning-starts", "x"], "run.py: error: flags after --: dqn_softmoe.py says: Error parsing "
+                                               "--learning-starts: invalid literal for int()"),
+    (["fig1", "--variants", "dqn-baseline-1", "--games", "Pong", "--seeds", "1", "--dry-run", "--", "--random-phi"],
+     "run.py: error: flags after --: dqn_softmoe.py refuses dqn-baseline-1's runs: --random-phi and --moe-l2-norm are "
+     "Soft MoE options"),
+    # options that would do nothing with the chosen launcher, or without --report
+    ([*QUICK, "--partition", "gpu", "--qos", "high"], "run.py: error: --partition, --qos apply to --launcher slurm"),
+    ([*QUICK, "--time-min", "60"], "run.py: error: --time-min applies to --launcher slurm"),
+    ([*QUICK, "--submitit-cluster", "local"], "run.py: error: --submitit-cluster applies to --launcher slurm"),
+    ([*QUICK, "--launcher", "slurm", "--jobs", "4"], "run.py: error: --jobs applies to --launcher local"),
+    ([*QUICK, "--launcher", "slurm", "--gpus", "0"], "run.py: error: --gpus applies to --launcher local"),
+    ([*QUICK, "--launcher", "slurm", "--threads-per-run", "2"], "run.py: error: --threads-per-run applies to --launcher"),
+    ([*QUICK, "--launcher", "slurm", "--report"], "run.py: error: --report applies to --launcher local"),
+    ([*QUICK, "--launcher", "slurm", "--submitit-cluster", "local", "--account", "a"],
+     "run.py: error: --account applies to a real Slurm cluster, not --submitit-cluster local"),
+    ([*QUICK, "--reps", "100", "--out", "x"], "run.py: error: --out, --reps apply to the report; add --report"),
+    ([*QUICK, "--threads-per-run", "0"], "run.py: error: --threads-per-run must be at least 1, got 0"),
+    ([*QUICK, "--launcher", "slurm", "--cpus-per-run", "0"], "run.py: error: --cpus-per-run must be at least 1"),
+])
+def test_flags_that_would_do_nothing_or_change_the_plan_are_refused(capsys, args, message):
+    from benchmark import run
+
+    assert run.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_gpu_ids_are_checked_when_launching_here(capsys, monkeypatch, tmp_path):
+    from benchmark import launch, run
+
+    monkeypatch.setattr(launch, "launch_local", lambda *a, **k: pytest.fail("launched despite bad --gpus"))
+    args = ["fig1", "--variants", "dqn-softmoe-1", "--games", "Pong", "--seeds", "1", "--runs-dir", str(tmp_path)]
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    assert run.main([*args, "--gpus", "0"]) == 2
+    assert capsys.readouterr().err == ("run.py: error: --gpus 0: torch sees no GPU on this machine; drop --gpus (runs "
+                                       "use the CPU)\n")
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert run.main([*args, "--gpus", "1,9"]) == 2
+    assert capsys.readouterr().err == "run.py: error: --gpus: no GPU 9 here; this machine's GPUs: 0, 1\n"
+    assert run.main([*args, "--gpus", "9", "--dry-run"]) == 0  # a dry run launches nothing: any plan prints
+
+
+def test_valid_options_keep_their_defaults_and_dry_run_works_with_everything(capsys):
+    from benchmark import run
+
+    args = run.build_parser().parse_args(["fig1"])
+    run.check_options(args)
+    assert (args.jobs, args.time_min, args.gpus_per_run, args.runs_per_job, args.cpus_per_run, args.array_parallelism,
+            args.max_requeues, args.submitit_cluster) == (1, 1440, 1, 1, 4, 256, 20, "slurm")
+    assert "default 1440)" in run.build_parser().format_help()
+    for extra in (["--launcher", "slurm", "--partition", "gpu", "--runs-per-job", "4", "--time-min", "60"],
+                  ["--jobs", "2", "--threads-per-run", "2", "--report", "--reps", "10", "--gpus", ""],
+                  ["--steps", "600", "--", "--encoder", "nature", "--learning-starts", "500", "--no-cuda"]):
+        assert run.main([*QUICK, *extra]) == 0, capsys.readouterr().err
+        assert "dqn_softmoe.py --env-id Pong" in capsys.readouterr().out

@@ -260,3 +260,101 @@ def test_no_results_is_one_clear_line(tmp_path):
     assert result.stderr == (f"report.py: error: no results for fig1 in {tmp_path / 'runs'}: 1 run directories, "
                              "1 unfinished (use --partial to include them)\n")
     assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_event_files_and_runs_without_a_score_are_named_and_counted(tmp_path):
+    """A damaged event file is named (one warning line each), and so is every run left without a score; summary.md
+    counts them instead of calling every run read a finished, scored run."""
+    runs = str(tmp_path / "runs")
+    paths = {game: write_run(runs, game, "fig18-dqn-softmoe-8-filter4", 1, iteration_returns(value))
+             for game, value in (("Pong", 5.0), ("Breakout", 20.0), ("Asterix", 1.0))}
+    write_run(runs, "Pong", "fig18-dqn-baseline-filter4", 1, {"charts/SPS": [(100, 50.0)]})  # no score logged
+    garbage, = [os.path.join(paths["Breakout"], f) for f in os.listdir(paths["Breakout"]) if "tfevents" in f]
+    with open(garbage, "wb") as f:
+        f.write(os.urandom(300))
+    cut, = [os.path.join(paths["Asterix"], f) for f in os.listdir(paths["Asterix"]) if "tfevents" in f]
+    data = open(cut, "rb").read()
+    with open(cut, "wb") as f:  # the last record cut: its first return is read, the final one is lost
+        f.write(data[:-7])
+    warnings_, said = [], []
+    written = report(EXPERIMENTS["fig18"], runs, str(tmp_path / "out"), reps=100, curve_reps=10, poi_reps=10,
+                     say=said.append, warn=warnings_.append)
+    assert all(line.startswith("warning: ") and "\n" not in line for line in warnings_)
+    named = sorted(line[len("warning: "):].split(": ", 1)[0] for line in warnings_)
+    assert named == sorted([garbage, cut, paths["Breakout"], os.path.join(runs, "Pong__fig18-dqn-baseline-filter4__1__1700000000")])
+    assert f"warning: {garbage}: unreadable from a damaged or cut record on (failed header crc32 check)" in warnings_
+    assert f"warning: {cut}: unreadable from a damaged or cut record on (has truncated record in data)" in warnings_
+    assert said[0].startswith("fig18: 4 runs (2 without a score, left out), 3 logged returns -> ")
+    summary = open(written["summary.md"]).read()
+    assert "4 runs read from" in summary and "2 of them have no score and are left out of every table" in summary
+    assert "2 event files could not be read" in summary and garbage in summary
+
+
+def test_report_cli_names_unreadable_files_on_stderr_and_still_reports(tmp_path):
+    runs = str(tmp_path / "runs")
+    write_run(runs, "Pong", "fig18-dqn-softmoe-8-filter4", 1, iteration_returns(5.0))
+    bad = write_run(runs, "Breakout", "fig18-dqn-softmoe-8-filter4", 1, iteration_returns(20.0))
+    for name in os.listdir(bad):
+        if "tfevents" in name:
+            with open(os.path.join(bad, name), "wb") as f:
+                f.write(b"\x00garbage" * 40)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "report.py"), "fig18", "--runs-dir", runs,
+                             "--out", str(tmp_path / "out"), "--reps", "50", "--curve-reps", "5", "--poi-reps", "5",
+                             "--workers", "1"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith(f"warning: {bad}") for line in lines), result.stderr
+    assert "1 without a score" in result.stdout and (tmp_path / "out" / "summary.md").exists()
+
+
+def test_missing_runs_dir_is_one_clear_line(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "report.py"), "fig1", "--runs-dir",
+                             str(tmp_path / "nonexistent")], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == (f"report.py: error: --runs-dir {tmp_path / 'nonexistent'} does not exist; pass the "
+                             "--runs-dir the runs were launched with (default: runs)\n")
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_quick_look_report_goes_to_its_own_folder(tmp_path, monkeypatch):
+    """report.py --steps N writes results/{exp}-steps{N}/, never over the full report in results/{exp}/."""
+    from benchmark.report import main as report_main
+
+    runs = str(tmp_path / "runs")
+    for game in ("Pong", "Breakout"):
+        write_run(runs, game, "fig18-dqn-softmoe-8-filter4", 1, iteration_returns(5.0))
+        write_run(runs, game, "fig18-dqn-softmoe-8-filter4", 1, {"charts/iteration_return": [(600, -1.0)]},
+                  stamp=STAMP + 10, budget=600)
+    monkeypatch.chdir(tmp_path)
+    options = ["--runs-dir", runs, "--reps", "50", "--curve-reps", "5", "--poi-reps", "5", "--workers", "1"]
+    assert report_main(["fig18", *options]) == 0
+    full = (tmp_path / "results" / "fig18" / "returns.csv").read_text()
+    assert report_main(["fig18", "--steps", "600", *options]) == 0
+    assert (tmp_path / "results" / "fig18" / "returns.csv").read_text() == full  # the full report is untouched
+    quick = pd.read_csv(tmp_path / "results" / "fig18-steps600" / "returns.csv")
+    assert quick["return"].tolist() == [-1.0, -1.0]
+    assert report_main(["fig18", "--steps", "600", "--tag", "t", *options]) == 2  # (no runs of that tag)
+
+
+def test_no_stale_curves_or_figures_from_an_earlier_report(tmp_path):
+    out = str(tmp_path / "out")
+    first = str(tmp_path / "first")
+    for game in ("Pong", "Breakout"):
+        write_run(first, game, "fig18-dqn-softmoe-8-filter4", 1, iteration_returns(5.0))
+    written = report(EXPERIMENTS["fig18"], first, out, reps=50, curve_reps=5, poi_reps=5, say=lambda s: None)
+    assert len(pd.read_csv(written["curves.csv"])) > 0 and "curves" in written
+    second = str(tmp_path / "second")  # AirRaid only: no human score, so no curve to draw
+    write_run(second, "AirRaid", "fig18-dqn-softmoe-8-filter4", 1, iteration_returns(5.0))
+    written = report(EXPERIMENTS["fig18"], second, out, reps=50, curve_reps=5, poi_reps=5, say=lambda s: None)
+    curves = pd.read_csv(written["curves.csv"])
+    assert curves.empty and list(curves.columns) == ["panel", "variant", "label", "step", "iqm", "low", "high"]
+    assert "curves" not in written and not os.path.exists(os.path.join(out, "fig18_iqm_curves.png"))
+
+
+@pytest.mark.parametrize("module,command", [("collect", "report.py"), ("plots", "report.py"), ("stats", "report.py"),
+                                            ("launch", "run.py"), ("registry", "run.py")])
+def test_library_modules_run_directly_say_which_command_to_use(module, command):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", f"{module}.py"), "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (f"{module}.py: error: this module is a library; run python benchmark/{command} --help\n")

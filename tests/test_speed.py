@@ -147,3 +147,30 @@ def test_dataset_load_benchmark_times_both_selections(tmp_path, capsys):
     with pytest.raises(SystemExit):
         dataset_load.main(["--fractions", "0"])
     assert "--fractions in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--moe-types", "softmoe", "bogus"], "--moe-types bogus: dqn_softmoe.py has softmoe, top1, baseline"),
+    (["--env-id", "Foo"], "--env-id: unknown game 'Foo'"),
+    (["--num-experts", "0"], "--num-experts must be at least 1, got 0"),
+    (["--device", "gpu"], "--device 'gpu': use cpu or cuda"),
+    (["--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--updates", "0"], "--updates must be at least 1, got 0"),
+    (["--fill", "5000", "--buffer-size", "500"], "--fill 5000 exceeds --buffer-size 500: the replay would wrap"),
+    (["--fill", "10"], "--fill 10 gives 10 random steps per env; at least 51"),
+    (["--no-full-loop", "--no-learning-loop"], "--no-learning-loop times a real run, which --no-full-loop skips"),
+    (["--loop-steps", "0"], "--loop-warmup must be >= 0 and --loop-steps at least 1"),
+    (["--num-envs", "0"], "--num-envs must be at least 1, got 0"),
+    (["--out", "{tmp}"], "--out {tmp} is a directory; give a file name, e.g. {tmp}/speed.md"),
+    (["--out", "{tmp}/missing/t.md"], "--out {tmp}/missing/t.md: folder {tmp}/missing does not exist; create it first"),
+    (["--out", "{tmp}/t.json"], "the numbers go to the .json beside the table; give the table a .md name"),
+])
+def test_bad_options_are_one_line_before_anything_is_measured(tmp_path, monkeypatch, flags, message):
+    """Each refusal comes at start-up (nothing measured, nothing written), as one line naming the flag."""
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    monkeypatch.setattr(speed, "measure", lambda *a: pytest.fail("measured despite bad options"))
+    with pytest.raises(SystemExit) as exit_:
+        speed.main(["--scripts", "dqn_softmoe", "--device", "cpu", *flags])
+    text = str(exit_.value.code)
+    assert text.startswith("speed.py: error: ") and message.format(tmp=tmp_path) in text and "\n" not in text, text
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
