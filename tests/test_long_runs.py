@@ -146,14 +146,14 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, scrip
 def checkpointed_run(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     result = run_script("dqn_softmoe", *BASE, "--runs-dir", str(runs), "--total-timesteps", "400",
-                        "--checkpoint-every", "100", "--checkpoint-keep", "2")
+                        "--checkpoint-every", "50", "--checkpoint-keep", "3")
     assert result.returncode == 0, result.stderr[-2000:]
     return only(f"{runs}/Breakout__*")
 
 
 def test_checkpoints_keep_the_newest_k_and_hold_everything(checkpointed_run):
     paths = sorted(glob.glob(f"{checkpointed_run}/checkpoints/*"))
-    assert [os.path.basename(p) for p in paths] == ["step_000000000300.pt", "step_000000000400.pt"]
+    assert [os.path.basename(p) for p in paths] == ["step_000000000300.pt", "step_000000000350.pt", "step_000000000400.pt"]
     state = torch.load(paths[-1], weights_only=True)
     for key in ["q_network", "target_network", "optimizer", "replay", "envs", "rng", "loop", "global_step", "args"]:
         assert key in state
@@ -169,6 +169,11 @@ def test_checkpoints_keep_the_newest_k_and_hold_everything(checkpointed_run):
     first = torch.load(paths[0], weights_only=True)  # step 300: no update yet, so the synced target is not the start
     assert not first["optimizer"]["state"]
     assert not all(torch.equal(first["q_network"][k], state["q_network"][k]) for k in state["q_network"])
+    # step 350: a dozen updates later the target is still the one synced at step 200 (the start), not the online one
+    middle = torch.load(paths[1], weights_only=True)
+    assert int(middle["optimizer"]["state"][0]["step"]) > 0
+    assert all(torch.equal(middle["target_network"][k], first["q_network"][k]) for k in first["q_network"])
+    assert not all(torch.equal(middle["target_network"][k], middle["q_network"][k]) for k in middle["q_network"])
 
 
 def test_save_checkpoint_is_atomic(dqn, tmp_path):

@@ -102,6 +102,27 @@ def test_random_phi_is_redrawn_and_not_a_parameter(dqn):
     torch.testing.assert_close(combine.sum(-1), torch.ones(2))
 
 
+def test_per_samp_soft_moe_combine_by_hand(dqn):
+    """The 'big'/'all' variants' one-token Soft MoE: combine = softmax_n(x Phi), and with --moe-l2-norm
+    softmax_n(scale (x/|x|) (Phi/|Phi| over d)), invariant to the token's scale; the output mixes the experts' outputs."""
+    torch.manual_seed(0)
+    token, outputs = torch.randn(2, 6, dtype=torch.float64), torch.randn(2, 3, 5, dtype=torch.float64)
+    for l2 in (False, True):
+        moe = dqn.PerSampSoftMoE(6, 3, l2_norm=l2).double()
+        phi = moe.phi.detach()
+        if l2:
+            with torch.no_grad():
+                moe.scale.fill_(2.5)
+            logits = 2.5 * (token / token.norm(dim=1, keepdim=True)) @ (phi / phi.norm(dim=0, keepdim=True))
+        else:
+            logits = token @ phi
+        mixed, combine = moe(token, outputs)
+        torch.testing.assert_close(combine, logits.softmax(1), rtol=1e-5, atol=1e-8)  # eps 1e-6 in the norms
+        torch.testing.assert_close(mixed, (combine[:, :, None] * outputs).sum(1))
+        scaled = moe(3 * token, outputs)[1]
+        assert torch.allclose(scaled, combine, rtol=1e-5) == l2  # only normalised logits ignore the token's scale
+
+
 def test_l2_norm_makes_logits_scale_invariant(dqn):
     torch.manual_seed(0)
     moe = dqn.SoftMoE(16, 8, 2, dqn.Experts(2, 8, 4), l2_norm=True).double()

@@ -22,7 +22,7 @@ def run_dir_of(tmp_path):
 
 
 @pytest.mark.parametrize("flags", [
-    ["--encoder", "nature", "--moe-type", "baseline", "--num-experts", "2"],
+    ["--encoder", "nature", "--moe-type", "baseline", "--num-experts", "2", "--exploration-steps", "200", "--end-e", "0.1"],
     ["--encoder", "nature", "--moe-type", "softmoe", "--num-experts", "4"],
     ["--encoder", "nature", "--moe-type", "top1", "--load-balancing-coef", "1.0", "--tokenization", "perfeat"],
     ["--encoder", "nature", "--expert-variant", "big", "--num-experts", "2", "--num-envs", "2", "--replay-ratio", "0.125"],
@@ -47,6 +47,10 @@ def test_dqn_short_run_logs_every_key(tmp_path, flags):
         lengths = [int(v) for _, v in scalars["charts/episodic_length"]]
         assert len(lengths) >= 2 and [s for s, _ in scalars["charts/episodic_return"]] == list(np.cumsum(lengths))
     assert all(0 <= v <= 1 for _, v in scalars["metrics/dormant_tau0.1"])
+    if "--exploration-steps" in flags:  # 1 through the warm-up, then linear to 0.1 over 200 steps (Dopamine); the
+        # epsilon logged at step s is the one that chose step s's action, at step s - 1
+        expected = {s: 1.0 if s - 1 < 300 else max(1 - 0.9 * (s - 1 - 300) / 200, 0.1) for s in range(100, 601, 100)}
+        assert dict(scalars["charts/epsilon"]) == pytest.approx(expected)
 
 
 def test_dqn_impala_softmoe_saves_and_evaluates(tmp_path):

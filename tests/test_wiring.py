@@ -101,6 +101,28 @@ def test_rainbow_step_weighs_samples_by_priority_and_the_load_balancing_loss(scr
         assert not same(got, reference(lambda q, t: loss(q, t, **wrong))), wrong
 
 
+@pytest.mark.parametrize("script", ["rainbow_softmoe", "der_softmoe"])
+def test_new_priorities_are_each_sample_s_unweighted_loss(script):
+    """After an update the sampled transitions' priorities come from their own cross-entropy before the step
+    (Dopamine), not from the importance-weighted loss that drives the gradient."""
+    module = load_script(script)
+    args, agent = small_agent(module, noisy=False)
+    rb = agent.rb
+    slots = torch.arange(3, 290)
+    rb.update_priorities(slots, torch.zeros_like(slots), torch.rand(len(slots)) * 4)  # unequal priorities
+    q, target = copy.deepcopy(agent.q_network), copy.deepcopy(agent.target_network)
+    seen = {}
+    weights_of, update_priorities = rb.importance_weights, rb.update_priorities
+    rb.importance_weights = lambda idx, envs: seen.setdefault("weights", weights_of(idx, envs))
+    rb.update_priorities = lambda idx, envs, losses: seen.update(idx=idx, envs=envs, losses=losses.clone()) or \
+        update_priorities(idx, envs, losses)
+    agent.update()
+    assert seen["weights"].min() < 0.99  # weighted and unweighted losses differ, else this test could not tell them
+    _, expected, _, _ = module.rainbow_loss(q, target, rb.gather(seen["idx"], seen["envs"]), args,
+                                            torch.ones(args.batch_size))
+    torch.testing.assert_close(seen["losses"], expected.detach())
+
+
 def test_drq_step_uses_the_load_balancing_weight():
     drq = load_script("drq_softmoe")
     args, agent = small_agent(drq, moe_type="top1", load_balancing_coef=0.5)
