@@ -49,17 +49,19 @@ python3 -c "import ale_py, gymnasium, tyro, torch" || { echo "gpu_session.sh: mi
 { nvidia-smi || true; python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } > "$OUT/machine.txt" 2>&1
 
 if [ "${QUICK:-0}" = 1 ]; then
-  counts=(--steps 200 --updates 3 --fill 500 --loop-warmup 100 --loop-steps 100)
+  counts=(--steps 200 --updates 3 --fill 500) loops=(--loop-warmup 100 --loop-steps 100)
 else
-  counts=(--steps 5000 --updates 200 --fill 20000 --loop-warmup 2000 --loop-steps 3000)
+  counts=(--steps 5000 --updates 200 --fill 20000) loops=(--loop-warmup 2000 --loop-steps 3000)
 fi
 device=$(python3 -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 
 phase() {  # phase NAME [speed.py flags...]: one table, its log, and a line saying how long it took
   local name=$1 start=$SECONDS
   shift
-  echo "== $name: python benchmark/speed.py --device $device ${counts[*]} $*"
-  python3 benchmark/speed.py --device "$device" "${counts[@]}" "$@" --out "$OUT/$name.md" 2>&1
+  local sizes=("${counts[@]}")
+  [[ " $* " == *" --no-full-loop "* ]] || sizes+=("${loops[@]}")  # speed.py refuses loop sizes without the real runs
+  echo "== $name: python benchmark/speed.py --device $device ${sizes[*]} $*"
+  python3 benchmark/speed.py --device "$device" "${sizes[@]}" "$@" --out "$OUT/$name.md" 2>&1
   if [ -f "$OUT/$name.json" ]; then  # into one archive at once: a call cut off by its time limit keeps what it measured
     (cd "$OUT" && tar -rf numbers.tar "./$name.json" && rm -f "./$name.json")
   fi

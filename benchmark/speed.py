@@ -314,6 +314,10 @@ def check_options(opts) -> None:
             refuse(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}")
     if opts.no_learning_loop and not opts.full_loop:
         refuse("--no-learning-loop times a real run, which --no-full-loop skips; drop one or the other")
+    if not opts.full_loop and (opts.loop_warmup is not None or opts.loop_steps is not None):
+        refuse("--loop-warmup and --loop-steps size the real runs, which --no-full-loop skips; drop one or the other")
+    opts.loop_warmup = 1000 if opts.loop_warmup is None else opts.loop_warmup
+    opts.loop_steps = 2000 if opts.loop_steps is None else opts.loop_steps
     if opts.loop_warmup < 0 or opts.loop_steps < 1:
         refuse("--loop-warmup must be >= 0 and --loop-steps at least 1")
     online = [s for s in opts.scripts if SCRIPTS[s].kind != "offline"]
@@ -376,8 +380,8 @@ def main(argv=None) -> None:
     parser.add_argument("--no-full-loop", dest="full_loop", action="store_false", help="skip the real runs")
     parser.add_argument("--no-learning-loop", action="store_true",
                         help="also time a real run of --loop-steps steps in which learning never starts (the loop's cost)")
-    parser.add_argument("--loop-warmup", type=int, default=1000, help="agent steps before learning in the real runs")
-    parser.add_argument("--loop-steps", type=int, default=2000, help="agent steps timed in the real runs")
+    parser.add_argument("--loop-warmup", type=int, default=None, help="agent steps before learning in the real runs (default 1000)")
+    parser.add_argument("--loop-steps", type=int, default=None, help="agent steps timed in the real runs (default 2000)")
     parser.add_argument("--out", default=None,
                         help="write the Markdown table to this file (its folder must exist; the numbers go to a .json "
                              "beside it)")

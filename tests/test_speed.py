@@ -160,6 +160,7 @@ def test_dataset_load_benchmark_times_both_selections(tmp_path, capsys):
     (["--fill", "10"], "--fill 10 gives 10 random steps per env; at least 51"),
     (["--no-full-loop", "--no-learning-loop"], "--no-learning-loop times a real run, which --no-full-loop skips"),
     (["--loop-steps", "0"], "--loop-warmup must be >= 0 and --loop-steps at least 1"),
+    (["--no-full-loop", "--loop-steps", "500"], "--loop-warmup and --loop-steps size the real runs, which --no-full-loop"),
     (["--num-envs", "0"], "--num-envs must be at least 1, got 0"),
     (["--out", "{tmp}"], "--out {tmp} is a directory; give a file name, e.g. {tmp}/speed.md"),
     (["--out", "{tmp}/missing/t.md"], "--out {tmp}/missing/t.md: folder {tmp}/missing does not exist; create it first"),
