@@ -127,7 +127,8 @@ def test_the_loop_refreshes_the_lagged_actor_before_each_round(script, tmp_path,
     updates is preceded by one refresh taking the online parameters of that moment, there is no refresh without a
     round, and every action is taken with the parameters of the latest refresh, never with the newest. The replay
     is written where the loop promises: each step's slot after the next step's send (while the emulators step),
-    before that step's updates; nothing between a recv and the next send, the path from observation to action."""
+    before that step's updates; nothing between a recv and the next send, the path from observation to action. The
+    target network syncs after a step's updates, only at the steps that cross a multiple of its period."""
     module = load_script(script)
     events, io = [], []
     build, make_env = module.build_agent, module.make_env
@@ -146,6 +147,10 @@ def test_the_loop_refreshes_the_lagged_actor_before_each_round(script, tmp_path,
             return update()
 
         agent.rb.write, agent.update = recorded_write, recorded_update
+        target = getattr(agent, "target_network", None)  # DrQ(ε) has none
+        if target is not None:
+            sync = target.load_state_dict
+            target.load_state_dict = lambda state: io.append("t") or sync(state)
         return agent
 
     def recorded_make_env(*args, **kwargs):  # the first envs made are the training envs
@@ -163,14 +168,15 @@ def test_the_loop_refreshes_the_lagged_actor_before_each_round(script, tmp_path,
         flags.update(exploration_steps=2, end_e=0.0)
     if script in ("der_softmoe", "drq_softmoe"):
         flags.update(eval_episodes=0)
-    if script != "drq_softmoe":
-        flags.update(target_network_frequency=1000)
+    if script != "drq_softmoe":  # learning starts by agent step 102: the target syncs at steps 120 and 160 only
+        flags.update(target_network_frequency=40)
     args = module.Args(**flags)
     module.main(args, *module.prepare(args)[:2])
 
     steps = "".join(io).split("s")
     assert steps[0] == "" and steps[1] == "r" and len(steps) == args.total_timesteps // args.num_envs + 1  # nothing held yet
-    assert all(re.fullmatch("wu*r", step) for step in steps[2:]), steps
+    assert all(re.fullmatch("wu*t?r", step) for step in steps[2:]), steps  # a sync after its step's updates
+    assert "".join(steps).count("t") == (0 if script == "drq_softmoe" else 2)
     assert sum(step.count("u") for step in steps) >= 20
     kinds = [kind for kind, _ in events]
     assert kinds.count("update") >= 20 and kinds.count("act") >= 20
