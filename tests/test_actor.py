@@ -156,9 +156,10 @@ def test_the_loop_refreshes_the_lagged_actor_before_each_round(script, tmp_path,
     def recorded_make_env(*args, **kwargs):  # the first envs made are the training envs
         envs = make_env(*args, **kwargs)
         made.append(envs)
+        protocols.append(args[2])
         return RecordedEnvs(envs, io) if len(made) == 1 else envs
 
-    made = []
+    made, protocols = [], []
     monkeypatch.setattr(module, "build_agent", recorded_build)
     monkeypatch.setattr(module, "make_env", recorded_make_env)
     flags = dict(encoder="nature", num_experts=2, expert_hidden=16, batch_size=8, buffer_size=2000, num_envs=2,
@@ -173,6 +174,8 @@ def test_the_loop_refreshes_the_lagged_actor_before_each_round(script, tmp_path,
     args = module.Args(**flags)
     module.main(args, *module.prepare(args)[:2])
 
+    # SPEC §1: DQN and Rainbow train on the Dopamine protocol, the Atari 100k agents on theirs
+    assert protocols[0] == ("atari100k" if script in ("der_softmoe", "drq_softmoe") else "dopamine")
     steps = "".join(io).split("s")
     assert steps[0] == "" and steps[1] == "r" and len(steps) == args.total_timesteps // args.num_envs + 1  # nothing held yet
     assert all(re.fullmatch("wu*t?r", step) for step in steps[2:]), steps  # a sync after its step's updates

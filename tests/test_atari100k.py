@@ -527,6 +527,20 @@ class Fire(torch.nn.Module):
     forward = q_values  # dqn_softmoe's evaluate calls the network itself
 
 
+class FireDistribution(torch.nn.Module):
+    """C51 logits whose expected Q prefers FIRE; called in training mode (noisy nets' noise on) it fails the test."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("support", torch.linspace(-10.0, 10.0, 51))
+
+    def forward(self, x):
+        assert not self.training, "the evaluation must act with the mean network (noise off)"
+        logits = torch.zeros(x.shape[0], 4, 51)
+        logits[:, 1, -1] = 10.0
+        return logits
+
+
 def recorded_actions(module, monkeypatch):
     """Every action array handed to the vector envs that `module.make_env` builds from now on."""
     taken, make_env = [], module.make_env
@@ -541,15 +555,18 @@ def recorded_actions(module, monkeypatch):
     return taken
 
 
-@pytest.mark.parametrize("script", ["drq_softmoe", "dqn_softmoe"])
+@pytest.mark.parametrize("script", ["drq_softmoe", "dqn_softmoe", "rainbow_softmoe"])
 @pytest.mark.parametrize("epsilon", [0.0, 0.5])
 def test_evaluation_acts_epsilon_greedy(script, epsilon, monkeypatch):
     """--eval-epsilon: with probability epsilon a uniform action, else the greedy one (FIRE): FIRE's share of the
-    played steps is 1 - epsilon + epsilon / 4 (the atari100k evaluation of DER/DrQ and the Dopamine one of DQN)."""
+    played steps is 1 - epsilon + epsilon / 4 (the atari100k evaluation of DER/DrQ and the Dopamine one of DQN and
+    Rainbow, whose network acts in eval mode: noise off)."""
     module = load_script(script)
     taken = recorded_actions(module, monkeypatch)
-    if script == "dqn_softmoe":  # its games all play on (and act) until the last one ends
-        module.evaluate(Fire(), "breakout", "dopamine", 4, epsilon, "cpu", 0)
+    if script in ("dqn_softmoe", "rainbow_softmoe"):  # its games all play on (and act) until the last one ends
+        model = FireDistribution() if script == "rainbow_softmoe" else Fire()
+        module.evaluate(model, "breakout", "dopamine", 4, epsilon, "cpu", 0)
+        assert model.training  # back to training mode for the next updates
         played = np.stack(taken).ravel()
     else:  # game g acts in its first lengths[g] steps
         _, lengths = module.evaluate(Fire(), "breakout", 4, epsilon, torch.device("cpu"), 0)

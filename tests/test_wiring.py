@@ -3,6 +3,8 @@
 and the weights of the loss terms in the gradient step (a flag accepted but ignored would pass everything else)."""
 
 import copy
+import glob
+import json
 
 import pytest
 import torch
@@ -208,3 +210,54 @@ def test_noisy_epsilon_sets_the_share_of_random_actions(script, tmp_path, monkey
         actions = rb.actions[: rb.t, 0]
         assert rb.t - int(rb.last[: rb.t, 0].sum()) == 400  # agent steps; a reset step's slot is none
         assert abs((actions == 0).float().mean().item() - share) <= (0.1 if epsilon else 0.0)
+
+
+@pytest.mark.parametrize("script", ["dqn_softmoe", "rainbow_softmoe"])
+def test_final_evaluation_gets_the_dopamine_protocol_and_the_eval_flags(script, tmp_path, monkeypatch):
+    """--eval-episodes and --eval-epsilon reach the final evaluation, played on the Dopamine protocol (SPEC §1) as
+    training is; its scores go to summary.json. (The evaluation itself is tested in test_atari100k.py.)"""
+    module = load_script(script)
+    calls, protocols = [], []
+    make_env = module.make_env
+    monkeypatch.setattr(module, "make_env", lambda rom, n, protocol, *a, **k: protocols.append(protocol) or
+                        make_env(rom, n, protocol, *a, **k))
+    monkeypatch.setattr(module, "evaluate", lambda model, rom, protocol, episodes, epsilon, device, seed, stop=None:
+                        calls.append((protocol, episodes, epsilon)) or [float(i) for i in range(episodes)])
+    args = module.Args(encoder="nature", num_experts=2, expert_hidden=16, buffer_size=400, env_id="Breakout",
+                       learning_starts=1000, total_timesteps=60, eval_episodes=3, eval_epsilon=0.05, metrics_every=0,
+                       log_every=1000, print_every=1000, runs_dir=str(tmp_path), cuda=False)
+    module.main(args, *module.prepare(args)[:2])
+    assert protocols == ["dopamine"] and calls == [("dopamine", 3, 0.05)]
+    (summary,) = glob.glob(f"{tmp_path}/*/summary.json")
+    assert json.load(open(summary))["eval_returns"] == [0.0, 1.0, 2.0]
+
+
+def test_cql_evaluates_with_its_eval_flags(tmp_path, monkeypatch):
+    """CQL's per-iteration evaluation gets --eval-episodes and --eval-epsilon (Dopamine protocol inside evaluate)."""
+    import test_offline
+
+    cql = load_script("cql_softmoe")
+    test_offline.tiny_dataset(tmp_path)
+    calls = []
+    monkeypatch.setattr(cql, "evaluate", lambda model, rom, episodes, epsilon, device, seed, stop=None:
+                        calls.append((episodes, epsilon)) or [1.0] * episodes)
+    args = test_offline.tiny_args(cql, dataset_dir=str(tmp_path), env_id="Pong", num_iterations=2,
+                                  gradient_steps_per_iteration=5, batch_size=8, eval_episodes=2, eval_epsilon=0.05,
+                                  data_fraction=1.0, metrics_every=0, log_every=100, print_every=100,
+                                  runs_dir=str(tmp_path / "runs"))
+    cql.main(args, *cql.prepare(args))
+    assert calls == [(2, 0.05), (2, 0.05)]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_replay_sampler_follows_seed(script):
+    """--seed seeds the replay's sampling (another seed, other batches; the same seed, the same ones)."""
+    module = load_script(script)
+    draws = []
+    for seed in (1, 1, 7):
+        args, agent = small_agent(module, seed=seed)
+        if script == "cql_softmoe":
+            draws.append(agent.rb.sample(8)[0])
+        else:
+            draws.append(agent.rb.sample_indices(8)[0])
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
