@@ -353,10 +353,11 @@ def test_evaluation_plays_its_games_to_game_over(drq):
 @pytest.mark.parametrize("script", AGENTS)
 def test_replay_holds_what_a_run_can_write(script):
     module = load_script(script)
-    assert module.replay_slots(module.Args()) == 100_003  # 100k steps and 3 spare slots: 0.71 GB, not 7.06 GB
-    assert module.ReplayBuffer.nbytes(module.replay_slots(module.Args())) < 0.71e9
+    # 100k agent steps and at most as many reset steps, 3 spare slots: 1.41 GB, not 7.06 GB
+    assert module.replay_slots(module.Args()) == 200_003
+    assert module.ReplayBuffer.nbytes(module.replay_slots(module.Args())) < 1.42e9
     assert module.replay_slots(module.Args(total_timesteps=12_500_000)) == 1_000_000
-    assert module.replay_slots(module.Args(num_envs=3, total_timesteps=1000, buffer_size=100_000)) == 3 * (334 + 3)
+    assert module.replay_slots(module.Args(num_envs=3, total_timesteps=1000, buffer_size=100_000)) == 3 * (2 * 334 + 3)
     assert module.replay_slots(module.Args(num_envs=3, total_timesteps=10**6, buffer_size=1000)) == 999
 
 

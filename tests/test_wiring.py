@@ -261,3 +261,37 @@ def test_the_replay_sampler_follows_seed(script):
         else:
             draws.append(agent.rb.sample_indices(8)[0])
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
+@pytest.mark.parametrize("script", ["dqn_softmoe", "der_softmoe"])
+def test_update_credit_counts_played_steps_not_reset_steps(script, tmp_path, monkeypatch):
+    """Episodes cut after 10 agent steps (40 frames) put a reset step (no frame played, no agent step) after every
+    10 played ones: the replay ratio's updates are `replay_ratio` per played step from the pass that writes slot
+    learning_starts + 1 on (as tests/test_long_runs.py's checkpoint test counts), none for the reset steps."""
+    module = load_script(script)
+    make_env, build = module.make_env, module.build_agent
+    monkeypatch.setattr(module, "make_env", lambda rom, n, protocol, *a, **k: make_env(rom, n, protocol, 40))
+    agents, updates = [], [0]
+
+    def recorded_build(*args):
+        agent = build(*args)
+        update = agent.update
+        agent.update = lambda: updates.__setitem__(0, updates[0] + 1) or update()
+        agents.append(agent)
+        return agent
+
+    monkeypatch.setattr(module, "build_agent", recorded_build)
+    flags = dict(encoder="nature", num_experts=2, expert_hidden=16, batch_size=8, buffer_size=2000, env_id="Breakout",
+                 learning_starts=100, total_timesteps=300, replay_ratio=0.25, metrics_every=0, log_every=1000,
+                 print_every=1000, runs_dir=str(tmp_path), cuda=False)
+    if script == "der_softmoe":
+        flags.update(eval_episodes=0)
+    args = module.Args(**flags)
+    module.main(args, *module.prepare(args)[:2])
+    rb = agents[0].rb
+    rb.flush()
+    assert rb.t <= rb.size  # DER's replay, sized by replay_slots, holds the reset steps' slots too: it never wraps
+    last = rb.last[: rb.t, 0]
+    assert int(last.sum()) >= 25  # a reset slot every 11
+    played = int((~last[101: rb.t]).sum())
+    assert updates[0] == played // 4
