@@ -34,6 +34,12 @@ def test_default_actor_acts_with_the_online_network(script):
         expected = agent.act.policy(agent.q_network, torch.as_tensor(states))
     if script in ("dqn_softmoe", "drq_softmoe"):  # no noise: the greedy actions of the online network
         np.testing.assert_array_equal(agent.act(states), expected.numpy())
+        # the network sees the states as observed: no augmentation at acting time (DrQ shifts training batches only)
+        seen = []
+        hook = agent.q_network.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].clone()))
+        agent.act(states)
+        hook.remove()
+        assert len(seen) == 1 and torch.equal(seen[0].to(torch.uint8), torch.as_tensor(states))
 
 
 @pytest.mark.parametrize("device", DEVICES)
