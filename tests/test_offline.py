@@ -722,3 +722,18 @@ def test_target_network_syncs_every_target_update_period(cql, tmp_path, monkeypa
                      metrics_every=0, log_every=100, print_every=100, runs_dir=str(tmp_path / "runs"))
     cql.main(args, *cql.prepare(args))
     assert updates[0] == 40 and syncs == [7, 14, 21, 28, 35]
+
+
+def test_checkpoints_per_iteration_draws_each_iteration_s_checkpoints(cql, tmp_path, monkeypatch):
+    """--checkpoints-per-iteration K (the reference's .gz loader): every iteration reloads K checkpoints drawn
+    without replacement from (seed, iteration), so iterations train on different checkpoints."""
+    tiny_dataset(tmp_path)  # checkpoints 0 and 1
+    loads, load_dataset = [], cql.load_dataset
+    monkeypatch.setattr(cql, "load_dataset", lambda rb, chosen, *a, **k: loads.append([r["checkpoint"] for r in chosen])
+                        or load_dataset(rb, chosen, *a, **k))
+    args = tiny_args(cql, dataset_dir=str(tmp_path), env_id="Pong", num_iterations=6, gradient_steps_per_iteration=2,
+                     checkpoints_per_iteration=1, batch_size=8, eval_episodes=0, data_fraction=1.0, metrics_every=0,
+                     log_every=100, print_every=100, seed=3, runs_dir=str(tmp_path / "runs"))
+    cql.main(args, *cql.prepare(args))
+    expected = [[int(np.random.default_rng([3, i]).choice(2, 1)[0])] for i in range(6)]
+    assert loads == expected and len({tuple(c) for c in loads}) == 2
