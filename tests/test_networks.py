@@ -10,21 +10,6 @@ import torch.nn.functional as F
 from conftest import load_script, small_agent
 
 
-@pytest.fixture(scope="module")
-def rainbow():
-    return load_script("rainbow_softmoe")
-
-
-@pytest.fixture(scope="module")
-def der():
-    return load_script("der_softmoe")
-
-
-@pytest.fixture(scope="module")
-def cql():
-    return load_script("cql_softmoe")
-
-
 def tf_same(size, kernel, stride):
     """TensorFlow 'SAME' pads (before, after) of one axis, written out: out = ceil(in / stride), the odd pixel last."""
     out = (size + stride - 1) // stride
@@ -155,26 +140,15 @@ def test_grouped_linear_and_experts_xavier_bound_per_group(dqn):
 
 
 @pytest.mark.parametrize("moe_type", ["baseline", "softmoe"])
-def test_der_dueling_head_and_q_values(der, moe_type):
-    """DER's dueling C51 head: logits = value + advantage - mean over actions of advantage, per atom (SPEC §4)."""
+@pytest.mark.parametrize("script", ["der_softmoe", "cql_softmoe"])
+def test_dueling_c51_heads_and_q_values(script, moe_type):
+    """DER's and CQL+C51's dueling heads: logits = value + advantage - mean over actions of advantage, per atom, and
+    Q = the expected value over the support (SPEC §4; Rainbow's in tests/test_rainbow.py)."""
+    module = load_script(script)
     torch.manual_seed(0)
-    net = der.QNetwork(der.Args(encoder="nature", num_experts=2, expert_hidden=16, moe_type=moe_type), 3).eval()
-    frames = torch.randint(0, 255, (2, 4, 84, 84), dtype=torch.uint8)
-    log_probs, info = net(frames, return_info=True)
-    value = net.value(info["features"]).view(2, 1, 51)
-    advantage = net.advantage(info["features"]).view(2, 3, 51)
-    expected = (value + advantage - advantage.mean(1, keepdim=True)).log_softmax(-1)
-    torch.testing.assert_close(log_probs, expected)
-    torch.testing.assert_close(net.q_values(frames), (expected.exp() * torch.linspace(-10, 10, 51)).sum(-1))
-
-
-@pytest.mark.parametrize("moe_type", ["baseline", "softmoe"])
-def test_cql_c51_dueling_head_and_q_values(cql, moe_type):
-    """CQL+C51's dueling head: logits = value + advantage - mean over actions of advantage, per atom (SPEC §4)."""
-    torch.manual_seed(0)
-    args = cql.with_agent_defaults(cql.Args(agent="cql-c51", encoder="nature", num_experts=2, expert_hidden=16,
-                                            moe_type=moe_type))
-    net = cql.QNetwork(args, 3).eval()
+    args = module.Args(encoder="nature", num_experts=2, expert_hidden=16, moe_type=moe_type,
+                       **({"agent": "cql-c51"} if script == "cql_softmoe" else {}))
+    net = module.QNetwork(module.with_agent_defaults(args) if script == "cql_softmoe" else args, 3).eval()
     frames = torch.randint(0, 255, (2, 4, 84, 84), dtype=torch.uint8)
     log_probs, info = net(frames, return_info=True)
     value = net.value(info["features"]).view(2, 1, 51)
