@@ -140,10 +140,10 @@ def test_grouped_linear_and_experts_xavier_bound_per_group(dqn):
 
 
 @pytest.mark.parametrize("moe_type", ["baseline", "softmoe"])
-@pytest.mark.parametrize("script", ["der_softmoe", "cql_softmoe"])
+@pytest.mark.parametrize("script", ["rainbow_softmoe", "der_softmoe", "cql_softmoe"])
 def test_dueling_c51_heads_and_q_values(script, moe_type):
-    """DER's and CQL+C51's dueling heads: logits = value + advantage - mean over actions of advantage, per atom, and
-    Q = the expected value over the support (SPEC §4; Rainbow's in tests/test_rainbow.py)."""
+    """Rainbow's, DER's and CQL+C51's dueling heads: logits = value + advantage - mean over actions of advantage, per
+    atom, and Q = the expected value over the support (SPEC §4)."""
     module = load_script(script)
     torch.manual_seed(0)
     args = module.Args(encoder="nature", num_experts=2, expert_hidden=16, moe_type=moe_type,
@@ -155,7 +155,8 @@ def test_dueling_c51_heads_and_q_values(script, moe_type):
     advantage = net.advantage(info["features"]).view(2, 3, 51)
     expected = (value + advantage - advantage.mean(1, keepdim=True)).log_softmax(-1)
     torch.testing.assert_close(log_probs, expected)
-    torch.testing.assert_close(net.q_values(frames), (expected.exp() * torch.linspace(-10, 10, 51)).sum(-1))
+    q = net.q_values(frames) if hasattr(net, "q_values") else module.expected_q(log_probs, net.support)
+    torch.testing.assert_close(q, (expected.exp() * torch.linspace(-10, 10, 51)).sum(-1))
 
 
 # ---------------------------------------------------------------- noisy nets

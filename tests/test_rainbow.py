@@ -325,19 +325,6 @@ def test_network_outputs_distributions_and_noise_where_asked(rainbow, flags):
     torch.testing.assert_close(net(frames), net(frames), rtol=0, atol=0)
 
 
-def test_dueling_head_and_q_values(rainbow):
-    torch.manual_seed(0)
-    net = rainbow.QNetwork(tiny_args(rainbow, moe_type="baseline"), 3).eval()
-    frames = torch.randint(0, 255, (2, 4, 84, 84), dtype=torch.uint8)
-    log_probs, info = net(frames, return_info=True)
-    value = net.value(info["features"]).view(2, 1, 51)
-    advantage = net.advantage(info["features"]).view(2, 3, 51)
-    expected = (value + advantage - advantage.mean(1, keepdim=True)).log_softmax(-1)
-    torch.testing.assert_close(log_probs, expected)
-    q = rainbow.expected_q(log_probs, net.support)
-    torch.testing.assert_close(q, (log_probs.exp() * torch.linspace(-10, 10, 51)).sum(-1))
-
-
 @pytest.mark.parametrize("n", [1, 8])
 def test_parameter_counts(rainbow, n):
     actions, F_, h, atoms = 6, 32 * 121, 512, 51
