@@ -1412,8 +1412,9 @@ def resumed_run_dir(path: str, step: int, total: int, unit: str, fix: str) -> st
         raise ValueError(f"run {run_dir} finished at {unit} {finished} but checkpoint {path} is at {unit} {step}: "
                          "resuming would play the steps after it again and overwrite the finished run's summary and "
                          f"curves; resume from a checkpoint at {unit} {finished} or start a new run")
-    # at the last step but without summary.json: stopped during the final evaluation or saving, which resume finishes
-    if step > total or (step == total and finished is not None):
+    # at the last step without its summary.json (one of an earlier, shorter end may exist): stopped during the final
+    # evaluation or saving, which resume finishes
+    if step > total or (step == total and finished == step):
         raise ValueError(f"checkpoint {path} is at {unit} {step}, not below {fix}")
     return run_dir
 

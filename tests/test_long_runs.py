@@ -305,3 +305,23 @@ def test_unwritable_run_directory(tmp_path, script):
     result = run_script(script, "--runs-dir", str(blocker / "runs"), timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "cannot write the run directory" in result.stderr and "--runs-dir" in result.stderr
+
+
+def test_resumed_run_dir_by_hand(dqn, tmp_path):
+    """Which checkpoint may continue a run: below the end; at the end only while that end has no summary.json (one
+    written by an earlier, shorter end does not count); never before the end of a finished run."""
+    path = tmp_path / "Breakout__x__1__1" / "checkpoints" / "step_000000000800.pt"
+    path.parent.mkdir(parents=True)
+    path.touch()
+    run = str(path.parent.parent)
+    assert dqn.resumed_run_dir(str(path), 800, 1000, "agent step", "fix") == run
+    assert dqn.resumed_run_dir(str(path), 800, 800, "agent step", "fix") == run  # stopped during the final evaluation
+    (path.parent.parent / "summary.json").write_text(json.dumps({"global_step": 400}))
+    assert dqn.resumed_run_dir(str(path), 800, 800, "agent step", "fix") == run  # extended from 400, not yet finished
+    (path.parent.parent / "summary.json").write_text(json.dumps({"global_step": 800}))
+    with pytest.raises(ValueError, match="is at agent step 800, not below fix"):
+        dqn.resumed_run_dir(str(path), 800, 800, "agent step", "fix")
+    assert dqn.resumed_run_dir(str(path), 800, 900, "agent step", "fix") == run  # extending a finished run
+    (path.parent.parent / "summary.json").write_text(json.dumps({"global_step": 900}))
+    with pytest.raises(ValueError, match="finished at agent step 900 but checkpoint"):
+        dqn.resumed_run_dir(str(path), 800, 1000, "agent step", "fix")
