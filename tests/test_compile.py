@@ -2,7 +2,8 @@
 parameters to the same values and `act()` picks the same actions on a fixed seed (CPU; inductor generates C++ here,
 Triton on a GPU); the compiled replay (sum tree, batch assembly) computes exactly what the eager one does. On a
 machine with CUDA the same comparison runs there too, with and without CUDA graphs (--compile-mode reduce-overhead),
-and the GPU replay is checked against the CPU one."""
+and the GPU replay is checked against the CPU one. A compiled loop of each script traces each function once per input
+shape and never recompiles after that."""
 
 import sys
 
@@ -134,3 +135,29 @@ def test_replay_on_the_gpu_holds_what_the_cpu_replay_holds(script):
     idx, envs = cpu.sample_indices(32)
     for a, b in zip(cpu.gather(idx, envs), gpu.gather(idx.cuda(), envs.cuda())):
         torch.testing.assert_close(b.cpu(), a)
+
+
+@pytest.mark.parametrize("script", ["dqn_softmoe", "rainbow_softmoe", "der_softmoe", "drq_softmoe"])
+def test_a_compiled_run_compiles_each_piece_once_per_shape(script, tmp_path, monkeypatch):
+    """A real --compile loop (1 env as in the paper, lagged actor, metrics, logs, a checkpoint) traces each
+    compiled function once per input shape and never again: a guard that fails every few steps (a batch shape that
+    varies in the fixed-shape replay and acting functions, a new object each step) would recompile (seconds each on a
+    GPU) until dynamo gives up and runs the function eagerly. Dynamo decides this before any backend runs, so the runs here use its `eager` backend (no code
+    generation: seconds instead of minutes); every function may hold two versions (the sum tree's update sees
+    the 3 leaves of an add and a batch's leaves) and the run fails on a third."""
+    import torch._dynamo.config as dynamo_config
+
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda f, mode=None, **kw: compile(f, backend="eager", **kw))
+    module = load_script(script)
+    flags = dict(encoder="nature", num_experts=2, expert_hidden=16, batch_size=8, buffer_size=2000, num_envs=1,
+                 compile=True, lagged_actor=True, env_id="Breakout", learning_starts=100,
+                 total_timesteps=200 if script == "der_softmoe" else 300, runs_dir=str(tmp_path), metrics_every=100,
+                 log_every=50, print_every=10**6, checkpoint_every=150, eval_episodes=0, cuda=False)  # evaluation plays the eager network
+    args = module.Args(**flags)
+    prepared = module.prepare(args)[:2]
+    torch._dynamo.reset()
+    with dynamo_config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        module.main(args, *prepared)
+    frames = torch._dynamo.utils.counters["frames"]
+    assert frames["ok"] == frames["total"] > 0
