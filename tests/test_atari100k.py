@@ -157,6 +157,43 @@ def test_acting_stacks_equal_the_replays_across_life_losses(breakout):
     assert after_loss and all(log[t]["raw"][e, :3].any() and not log[t]["acting"][e, :3].any() for t, e in after_loss)
 
 
+@pytest.mark.parametrize("script", AGENTS)
+def test_the_training_loop_acts_on_the_replays_stacks(script, tmp_path, monkeypatch):
+    """In a real loop of each script on Breakout (2 envs, 5 lives each), every acting call sees the stacks the replay
+    rebuilds for that step's slots: frames of an earlier life are zero there too, not the env's own frames (the
+    network would otherwise act on inputs it never learns from)."""
+    module = load_script(script)
+    seen, recvs, agents = [], [], []
+    make_env, build, act = module.make_env, module.build_agent, module.Actor.__call__
+
+    def recorded_make_env(*args, **kwargs):
+        envs = make_env(*args, **kwargs)
+        if not recvs:  # the training envs (made first): count and keep what each step returned
+            recv = envs.recv
+            recvs.append(None)
+            envs.recv = lambda: recvs.append(recv()) or recvs[-1]
+        return envs
+
+    monkeypatch.setattr(module, "make_env", recorded_make_env)
+    monkeypatch.setattr(module, "build_agent", lambda *args: agents.append(build(*args)) or agents[-1])
+    monkeypatch.setattr(module.Actor, "__call__", lambda actor, obs: seen.append((len(recvs) - 1, obs.copy()))
+                        or act(actor, obs))
+    args = module.Args(encoder="nature", num_experts=2, expert_hidden=16, batch_size=8, buffer_size=2000, num_envs=2,
+                       env_id="Breakout", learning_starts=20, total_timesteps=300, replay_ratio=0.25,
+                       runs_dir=str(tmp_path), metrics_every=0, eval_episodes=0, print_every=10**6, cuda=False)
+    module.main(args, *module.prepare(args)[:2])
+    rb = agents[0].rb
+    rb.flush()
+    assert len(seen) > 100 and seen[-1][0] < rb.t  # acting from step ~10 to the last, every slot written
+    after_loss = 0
+    for step, obs in seen:  # step: the vector steps received before this call; its observation is in that slot
+        slots = torch.full((2,), step)
+        torch.testing.assert_close(rb.stack_frames(slots, torch.arange(2)), torch.as_tensor(obs), rtol=0, atol=0)
+        raw = recvs[step][0] if step else None
+        after_loss += sum(raw is not None and raw[e, :3].any() and not obs[e, :3].any() for e in range(2))
+    assert after_loss >= 2  # the zeroing was exercised: the env's own stack held the previous life's frames
+
+
 def test_n_step_returns_stop_at_a_life_loss(breakout):
     rb, log = breakout
     terminal = np.stack([step["terminal"] for step in log])
