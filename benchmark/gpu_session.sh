@@ -5,9 +5,10 @@
 #   here, once:   ../shared/tools/device-wheels.sh                # fills .whl/ (ignored by git)
 #   on the GPU:   bash benchmark/gpu_session.sh [PHASE...]         # carry .whl; results go to $OUT
 #
-# PHASE (default: envs1 lagged envs8 atari100k profile, most wanted first; estimated 9-11 minutes on an H100, never
-# measured yet: give the device call timeout_s 600, and what a cut-off call measured still comes back; then, if time is
-# left, the rest, and `compile` and `graphs` (each compiles 2-3 scripts: minutes), in other calls):
+# PHASE (default: envs1 envs8 atari100k profile lagged: the issue's targets first, then the profile that explains them,
+# then the first remedy; never run on a GPU yet, estimated 7-10 minutes on an H100: give the device call timeout_s 600,
+# BUDGET below ends the command in time with what it measured; then, if device time is left, the phases it skipped,
+# and `compile` and `graphs` (each compiles 2-3 scripts: minutes), in other calls):
 #   envs1     dqn/rainbow, Impala, baseline vs Soft MoE x8, 1 env (the paper's setting), eager
 #   lagged    the GPU cases of tests/test_actor.py (the lagged actor's own stream acts with its last refresh's
 #             parameters), then dqn/rainbow Soft MoE x8, 1 env, --lagged-actor (updates hidden behind acting), with
@@ -23,14 +24,17 @@
 #   atari100k der/drq, Impala, Soft MoE x8 (the slower network), 1 env, and der with --lagged-actor: a 100k run's time
 #   profile   rainbow/der Soft MoE x8, Impala: 20 updates, acts and adds under torch.profiler (kernel launches per call),
 #             then benchmark/layers.py (padding and channels-last vs channels-first, the sum tree; in numbers.tar)
-# Each phase writes $OUT/<phase>.md (benchmark/speed.py --out); its .json numbers go into $OUT/numbers.tar as soon as
-# it ends (with machine.txt, at most 8 files for all phases: the device tool brings back 8); copy them to
-# benchmark/results/speed/<gpu>-<phase>.md and commit. QUICK=1 shrinks every count (a smoke test of this file
-# on any machine; the numbers mean nothing then).
+# Each phase writes $OUT/<phase>.md (benchmark/speed.py --out, rewritten after each row); its .json numbers and its log
+# go into $OUT/numbers.tar as soon as it ends (with machine.txt, at most 8 files for all phases: the device tool brings
+# back 8); copy them to benchmark/results/speed/<gpu>-<phase>.md and commit. BUDGET (seconds, default 560: a device
+# call's 600 s less the wheels' install and the transfers) bounds the whole command: a phase that would start with
+# under 45 s left is skipped, and one still running when the budget ends is stopped (its finished rows stay), so the
+# call always returns what it measured. QUICK=1 shrinks every count (a smoke test of this file on any machine; the
+# numbers mean nothing then; no budget unless BUDGET is set).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 phases=("$@")
-[ ${#phases[@]} -eq 0 ] && phases=(envs1 lagged envs8 atari100k profile)
+[ ${#phases[@]} -eq 0 ] && phases=(envs1 envs8 atari100k profile lagged)
 for p in "${phases[@]}"; do
   case $p in
     envs1|lagged|envs8|compile|graphs|atari100k|profile) ;;
@@ -38,6 +42,8 @@ for p in "${phases[@]}"; do
   esac
 done
 OUT=${OUT:-gpu-results}
+if [ "${QUICK:-0}" = 1 ]; then BUDGET=${BUDGET:-100000}; else BUDGET=${BUDGET:-560}; fi
+[[ "$BUDGET" =~ ^[0-9]+$ ]] || { echo "gpu_session.sh: BUDGET must be a number of seconds, got '$BUDGET'"; exit 2; }
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" > /dev/null; then  # the wheels the GPU machine lacks (device-wheels.sh)
@@ -51,26 +57,43 @@ python3 -c "import ale_py, gymnasium, tyro, torch" || { echo "gpu_session.sh: mi
 if [ "${QUICK:-0}" = 1 ]; then
   counts=(--steps 200 --updates 3 --fill 500) loops=(--loop-warmup 100 --loop-steps 100)
 else
-  counts=(--steps 5000 --updates 200 --fill 20000) loops=(--loop-warmup 2000 --loop-steps 3000)
+  counts=(--steps 3000 --updates 200 --fill 10000) loops=(--loop-warmup 1000 --loop-steps 3000)
 fi
 device=$(python3 -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+
+left() { echo $((BUDGET - SECONDS)); }
+
+bounded() {  # bounded NAME COMMAND...: run COMMAND within the budget left (its whole process group stopped at the end)
+  local name=$1
+  shift
+  if [ "$(left)" -lt 45 ]; then
+    echo "== $name skipped: $(left) s of the ${BUDGET} s budget left"
+    return 1
+  fi
+  timeout -k 10 "$(left)" "$@"
+  local status=$?
+  [ $status -eq 124 ] || [ $status -eq 137 ] && echo "== $name stopped: the ${BUDGET} s budget ran out"
+  return $status
+}
 
 phase() {  # phase NAME [speed.py flags...]: one table, its log, and a line saying how long it took
   local name=$1 start=$SECONDS
   shift
+  if [ "$(left)" -lt 45 ]; then echo "== $name skipped: $(left) s of the ${BUDGET} s budget left"; return; fi
   local sizes=("${counts[@]}")
   [[ " $* " == *" --no-full-loop "* ]] || sizes+=("${loops[@]}")  # speed.py refuses loop sizes without the real runs
   echo "== $name: python benchmark/speed.py --device $device ${sizes[*]} $*"
-  python3 benchmark/speed.py --device "$device" "${sizes[@]}" "$@" --out "$OUT/$name.md" 2>&1
-  if [ -f "$OUT/$name.json" ]; then  # into one archive at once: a call cut off by its time limit keeps what it measured
-    (cd "$OUT" && tar -rf numbers.tar "./$name.json" && rm -f "./$name.json")
-  fi
+  bounded "$name" python3 benchmark/speed.py --device "$device" "${sizes[@]}" "$@" --out "$OUT/$name.md" 2>&1 \
+    | tee "$OUT/$name.log"
+  for f in "$name.json" "$name.log"; do  # into one archive at once: a call cut off by its time limit keeps them
+    [ -f "$OUT/$f" ] && (cd "$OUT" && tar -rf numbers.tar "./$f" && rm -f "./$f")
+  done
   echo "== $name took $((SECONDS - start)) s"
 }
 
 gpu_tests() {  # the GPU cases of a test file: each failure's line and the summary (pytest.ini already adds -q)
-  python3 -m pytest -p no:cacheprovider -rfE "$@" 2>&1 | grep -E "^(FAILED|ERROR) | (passed|failed|skipped|deselected|error)" \
-    | tail -n 20
+  bounded "tests $*" python3 -m pytest -p no:cacheprovider -rfE "$@" 2>&1 \
+    | grep -E "^(FAILED|ERROR) | (passed|failed|skipped|deselected|error)" | tail -n 20
 }
 
 for p in "${phases[@]}"; do
@@ -98,7 +121,7 @@ for p in "${phases[@]}"; do
       phase atari100k-lagged --scripts der_softmoe --moe-types softmoe --num-envs 1 --lagged-actor ;;
     profile) phase profile --scripts rainbow_softmoe der_softmoe --moe-types softmoe --num-envs 1 --no-full-loop \
       --profile 20
-      python3 benchmark/layers.py --device "$device" > "$OUT/layers.md" 2>&1; tail -n 25 "$OUT/layers.md"
+      bounded layers python3 benchmark/layers.py --device "$device" > "$OUT/layers.md" 2>&1; tail -n 25 "$OUT/layers.md"
       (cd "$OUT" && tar -rf numbers.tar ./layers.md && rm -f ./layers.md) ;;  # the 8 files that come back are taken
   esac
 done

@@ -394,13 +394,13 @@ def main(argv=None) -> None:
         for moe in opts.moe_types:
             results.append(measure(script, moe, opts))
             print(json.dumps(results[-1]), flush=True)
-    table = markdown(results, opts, machine)
-    print(table)
-    if opts.out:  # checked at start-up (a folder, a missing folder): the measurements are not lost at the end
-        with open(opts.out, "w") as f:
-            f.write(table)
-        with open(os.path.splitext(opts.out)[0] + ".json", "w") as f:
-            json.dump({"machine": machine, "options": vars(opts), "results": results}, f, indent=1)
+            if opts.out:  # rewritten after each row: a run stopped by a time limit keeps the rows it measured
+                table = markdown(results, opts, machine)
+                with open(opts.out, "w") as f:
+                    f.write(table)
+                with open(os.path.splitext(opts.out)[0] + ".json", "w") as f:
+                    json.dump({"machine": machine, "options": vars(opts), "results": results}, f, indent=1)
+    print(markdown(results, opts, machine))
 
 
 if __name__ == "__main__":

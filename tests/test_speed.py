@@ -66,6 +66,39 @@ def test_gpu_session_script_checks_its_phases(tmp_path):
     assert not (tmp_path / "out").exists()  # checked before anything is installed, measured or written
 
 
+def test_gpu_session_script_keeps_to_its_budget(tmp_path):
+    """BUDGET bounds the whole GPU session (a device call has 600 s): a phase with too little time left is skipped with
+    a line saying so, the call still ends normally with what it has; a BUDGET that is no number is refused."""
+    import os
+    import subprocess
+
+    script = f"{ROOT}/benchmark/gpu_session.sh"
+    env = {"PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin", "OUT": str(tmp_path / "out")}
+    result = subprocess.run(["bash", script, "envs1", "profile"], capture_output=True, text=True, timeout=120,
+                            env={**env, "BUDGET": "0"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "== envs1 skipped: " in result.stdout and "== profile skipped: " in result.stdout
+    assert "benchmark/speed.py" not in result.stdout  # nothing was started
+    result = subprocess.run(["bash", script], capture_output=True, text=True, timeout=60, env={**env, "BUDGET": "9m"})
+    assert result.returncode == 2 and result.stdout == "gpu_session.sh: BUDGET must be a number of seconds, got '9m'\n"
+
+
+def test_each_measured_row_is_saved_at_once(tmp_path, monkeypatch):
+    """speed.py rewrites --out's table and numbers after every row: a run stopped part-way (a time limit, a crash in
+    a later script) keeps the rows it measured."""
+    row = dict(script="dqn_softmoe", moe_type="baseline", num_experts=1, parameters=1, updates_per_s=1.0,
+               env_only_sps=900.0, acting_sps=300.0, replay_bytes_1m=1)
+    rows = iter([row])
+    monkeypatch.setattr(speed, "measure", lambda script, moe, opts: next(rows))  # the second row fails
+    out = tmp_path / "t.md"
+    with pytest.raises(StopIteration):
+        speed.main(["--device", "cpu", "--scripts", "dqn_softmoe", "--moe-types", "baseline", "softmoe", "--no-full-loop",
+                    "--out", str(out)])
+    assert "| dqn_softmoe | baseline | 1 | 900 |" in out.read_text()
+    import json
+    assert json.load(open(tmp_path / "t.json"))["results"] == [row]
+
+
 def test_gpu_only_options_are_refused_on_the_cpu():
     import subprocess
 
