@@ -9,7 +9,6 @@ import os
 import sys
 from collections import Counter
 
-import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
