@@ -668,7 +668,9 @@ class ReplayBuffer:
         for storage, value in zip((self.frames, self.actions, self.rewards, self.terminals, self.last),
                                   (frames, actions, rewards, terminals, last)):
             value = torch.as_tensor(value)
-            storage[slot].copy_(value.pin_memory() if pinned else value, non_blocking=pinned)  # straight into the slot
+            if pinned:  # contiguous first: copy_ stages a strided source (obs[:, -1] of N > 1 envs) in pageable memory
+                value = value.contiguous().pin_memory()
+            storage[slot].copy_(value, non_blocking=pinned)  # straight into the slot
         self.t += 1
 
     def valid_range(self) -> tuple[int, int]:

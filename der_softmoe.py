@@ -837,7 +837,9 @@ class Actor:
         if states.shape not in self.graphs:
             static, side = states.clone(), torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):  # compilation, autotuning and lazy initialisation before the capture
+            # compilation, autotuning and lazy initialisation before the capture, on a forked RNG: replays draw the noise
+            # that uncaptured calls would
+            with torch.random.fork_rng(devices=[self.device]), torch.cuda.stream(side):
                 for _ in range(3):
                     self.policy(self.network, static)
             torch.cuda.current_stream(self.device).wait_stream(side)
@@ -914,7 +916,9 @@ class ReplayBuffer:
         for storage, value in zip((self.frames, self.actions, self.rewards, self.terminals, self.last),
                                   (frames, actions, rewards, terminals, last)):
             value = torch.as_tensor(value)
-            storage[slot].copy_(value.pin_memory() if pinned else value, non_blocking=pinned)  # straight into the slot
+            if pinned:  # contiguous first: copy_ stages a strided source (obs[:, -1] of N > 1 envs) in pageable memory
+                value = value.contiguous().pin_memory()
+            storage[slot].copy_(value, non_blocking=pinned)  # straight into the slot
         self.t += 1
 
     def valid_range(self) -> tuple[int, int]:
@@ -1871,9 +1875,20 @@ def load_replay(rb, state: dict) -> None:
         return
     ReplayBuffer.load_state_dict(rb, state)
     leaves = state["tree"][state["tree"].shape[0] // 2:]  # priorities of the saved slots, zero beyond the written ones
-    count = min(leaves.shape[0], rb.tree.first_leaf)
-    rb.tree.update(torch.arange(count, device=rb.device), leaves[:count].to(rb.device))
+    rebuild_tree(rb.tree, leaves[: rb.tree.first_leaf].to(rb.device))
     rb.max_priority = state["max_priority"].to(rb.device)
+
+
+def rebuild_tree(tree: SumTree, leaves: torch.Tensor) -> None:
+    """Set the tree's first leaves to `leaves` and the others to 0, then recompute every node as the sum of its two
+    children, from the leaves up: the sums `update` keeps, without its K x K check for repeated leaves (all 2^18 leaves
+    of a 100k run's replay: 64 GiB)."""
+    tree.nodes.zero_()
+    tree.nodes[tree.first_leaf: tree.first_leaf + len(leaves)] = leaves.to(tree.nodes.dtype)
+    level = tree.first_leaf  # the nodes of one level are [level, 2 * level)
+    while level > 1:
+        tree.nodes[level // 2: level] = tree.nodes[level: 2 * level].view(-1, 2).sum(1)
+        level //= 2
 
 
 def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> float:

@@ -764,7 +764,9 @@ class Actor:
         if states.shape not in self.graphs:
             static, side = states.clone(), torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):  # compilation, autotuning and lazy initialisation before the capture
+            # compilation, autotuning and lazy initialisation before the capture, on a forked RNG: replays draw the noise
+            # that uncaptured calls would
+            with torch.random.fork_rng(devices=[self.device]), torch.cuda.stream(side):
                 for _ in range(3):
                     self.policy(self.network, static)
             torch.cuda.current_stream(self.device).wait_stream(side)
@@ -841,7 +843,9 @@ class ReplayBuffer:
         for storage, value in zip((self.frames, self.actions, self.rewards, self.terminals, self.last),
                                   (frames, actions, rewards, terminals, last)):
             value = torch.as_tensor(value)
-            storage[slot].copy_(value.pin_memory() if pinned else value, non_blocking=pinned)  # straight into the slot
+            if pinned:  # contiguous first: copy_ stages a strided source (obs[:, -1] of N > 1 envs) in pageable memory
+                value = value.contiguous().pin_memory()
+            storage[slot].copy_(value, non_blocking=pinned)  # straight into the slot
         self.t += 1
 
     def valid_range(self) -> tuple[int, int]:

@@ -238,12 +238,21 @@ def test_cuda_graphed_actor_acts_as_the_policy(script, flags, lagged):
 @pytest.mark.parametrize("script", ["rainbow_softmoe", "der_softmoe"])
 def test_cuda_graphed_noisy_actor_draws_new_noise_at_each_replay(script):
     """Noisy nets inside a captured graph: the capture registers the CUDA generator, so each replay draws new noise
-    (the actions of 20 replays on the same states are not all equal) and the actions are valid."""
+    (the actions of 20 replays on the same states are not all equal) and the actions are valid. The warm-up before
+    the capture draws on a forked generator: after the first call the generator stands where one uncaptured call
+    leaves it (not three calls further), so a run's noise does not depend on when graphs were captured."""
     module = load_script(script)
     agent = small_agent(module, device="cuda")[1]
     actor = module.Actor(agent.q_network, agent.act.policy, graphs=True)
     states = agent.rb.stack_frames(torch.arange(10, 18, device="cuda"),
                                    torch.zeros(8, dtype=torch.long, device="cuda")).cpu().numpy()
+    torch.cuda.manual_seed(5)
+    with torch.no_grad():
+        actor.policy(actor.network, torch.as_tensor(states, device="cuda"))
+    after_one_call = torch.cuda.get_rng_state()
+    torch.cuda.manual_seed(5)
+    actor(states)  # warm-up, capture, first replay
+    assert torch.equal(torch.cuda.get_rng_state(), after_one_call)
     replays = np.stack([actor(states) for _ in range(20)])
     assert replays.shape == (20, 8) and replays.min() >= 0 and replays.max() < 4
     assert len({r.tobytes() for r in replays}) > 1

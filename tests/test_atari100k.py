@@ -422,6 +422,24 @@ def test_prioritized_replay_loads_into_another_size(der):
         rb.generator.set_state(generator_state)
 
 
+def test_the_sum_tree_of_a_100k_run_is_rebuilt_in_one_pass(der):
+    """load_replay's rebuild at the size of a real 100k run's replay (2^18 leaves; setting them through `update` needs
+    a 2^18 x 2^18 comparison) gives every node the sum of its children, and on a small tree exactly what `update` gives."""
+    rng = np.random.default_rng(1)
+    tree = der.SumTree(der.replay_slots(der.Args()), "cpu")
+    assert tree.first_leaf == 2**18
+    leaves = torch.as_tensor(rng.random(200_003) * (rng.random(200_003) < 0.9))
+    der.rebuild_tree(tree, leaves)
+    assert torch.equal(tree.get(torch.arange(200_003)), leaves) and not tree.nodes[tree.first_leaf + 200_003:].any()
+    children = tree.nodes.view(-1, 2).sum(1)
+    assert torch.equal(tree.nodes[1: tree.first_leaf], children[1: tree.first_leaf])
+    small, rebuilt = der.SumTree(300, "cpu"), der.SumTree(300, "cpu")
+    small.update(torch.arange(240), leaves[:240])
+    rebuilt.update(torch.arange(5), torch.ones(5))  # a rebuild starts from nothing
+    der.rebuild_tree(rebuilt, leaves[:240])
+    assert torch.equal(rebuilt.nodes, small.nodes)
+
+
 @pytest.mark.parametrize("script", AGENTS)
 @pytest.mark.parametrize("flags,message", [
     (dict(eval_every=1000, eval_episodes=0), "--eval-every 1000 needs --eval-episodes above 0"),

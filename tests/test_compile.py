@@ -82,7 +82,8 @@ def test_tf32_update_stays_close_to_float32(script):
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # build_agent set them
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-    torch.testing.assert_close(tf32_losses, exact_losses, rtol=2e-2, atol=1e-3)
+    # the losses, not the greedy actions after them: an argmax flips where two Q-values lie within TF32's rounding
+    torch.testing.assert_close(tf32_losses[:UPDATES], exact_losses[:UPDATES], rtol=2e-2, atol=1e-3)
     for name in exact:
         torch.testing.assert_close(fast[name], exact[name], rtol=2e-2, atol=1e-4, msg=name)
     assert any(not torch.equal(initial[n], exact[n]) for n in exact if initial[n].is_floating_point())
