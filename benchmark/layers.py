@@ -8,6 +8,7 @@ max-pool's layout, the sum tree's update. Each figure is the best of --repeats t
   pass), with the padding the scripts use (the convolution pads itself where 'SAME' is symmetric) or explicit
   padded copies (`F.pad` before every convolution and max-pool), and with channels-first or channels-last weights
   (the scripts use channels-last on the CPU);
+  on a GPU also with `cudnn.benchmark` (cuDNN times its algorithms per shape) and with TF32 (`--tf32`);
 - maxpool: the Impala encoder's first 3x3/2 max-pool on a batch of 32 (32x16x84x84), channels-first and -last;
 - sumtree: `SumTree.update` of 3 leaves (one prioritized add with one env) and 32 (a batch's new priorities) in a
   1M-leaf tree.
@@ -48,6 +49,19 @@ def best_ms(fn, device: torch.device, calls: int, repeats: int) -> float:
 
 
 @contextlib.contextmanager
+def cudnn_flags(benchmark: bool = False, tf32: bool = False):
+    """The encoders as the scripts run them on a GPU (cuDNN's heuristic choice, float32), or with cuDNN timing each
+    convolution's algorithms once per shape (`cudnn.benchmark`, no flag of the scripts yet) or with TF32 (--tf32)."""
+    saved = torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.benchmark = benchmark
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@contextlib.contextmanager
 def explicit_padding(module):
     """The script's encoders as they were before: every convolution and max-pool reads an F.pad copy of its input."""
     conv_forward, pool = module.SameConv2d.forward, module.same_max_pool
@@ -79,8 +93,15 @@ def encoder_rows(module, device, calls, repeats):
             def learn():
                 encoder(batch).square().mean().backward()
 
-            for padding in ("scripts", "explicit"):
-                with explicit_padding(module) if padding == "explicit" else contextlib.nullcontext():
+            variants = {"scripts": [], "explicit": [lambda: explicit_padding(module)]}
+            if device.type == "cuda":  # the scripts pin cuDNN to float32 and leave its algorithm choice to heuristics
+                variants = {name: [cudnn_flags, *contexts] for name, contexts in variants.items()}
+                variants["scripts + cudnn.benchmark"] = [lambda: cudnn_flags(benchmark=True)]
+                variants["scripts + TF32"] = [lambda: cudnn_flags(tf32=True)]
+            for padding, contexts in variants.items():
+                with contextlib.ExitStack() as stack:
+                    for context in contexts:
+                        stack.enter_context(context())
                     times = [best_ms(act, device, calls, repeats), best_ms(learn, device, max(1, calls // 5), repeats)]
                 layout_name = "channels-last" if layout == torch.channels_last else "channels-first"
                 rows.append(f"| {name} | {layout_name} | {padding} | {times[0]:.2f} | {times[1]:.1f} |")
