@@ -158,6 +158,7 @@ def test_a_compiled_run_compiles_each_piece_once_per_shape(script, tmp_path, mon
     args = module.Args(**flags)
     prepared = module.prepare(args)[:2]
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # this run's frames only (a pytest worker has compiled other tests' too)
     with dynamo_config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
         module.main(args, *prepared)
     frames = torch._dynamo.utils.counters["frames"]
