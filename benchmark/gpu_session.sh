@@ -63,13 +63,14 @@ device=$(python3 -c "import torch; print('cuda' if torch.cuda.is_available() els
 
 left() { echo $((BUDGET - SECONDS)); }
 
+enough() {  # enough NAME: whether NAME may start (45 s of the budget left), else a line saying it is skipped
+  [ "$(left)" -ge 45 ] || { echo "== $1 skipped: $(left) s of the ${BUDGET} s budget left"; return 1; }
+}
+
 bounded() {  # bounded NAME COMMAND...: run COMMAND within the budget left (its whole process group stopped at the end)
   local name=$1
   shift
-  if [ "$(left)" -lt 45 ]; then
-    echo "== $name skipped: $(left) s of the ${BUDGET} s budget left"
-    return 1
-  fi
+  enough "$name" || return 1
   timeout -k 10 "$(left)" "$@"
   local status=$?
   [ $status -eq 124 ] || [ $status -eq 137 ] && echo "== $name stopped: the ${BUDGET} s budget ran out"
@@ -79,7 +80,7 @@ bounded() {  # bounded NAME COMMAND...: run COMMAND within the budget left (its 
 phase() {  # phase NAME [speed.py flags...]: one table, its log, and a line saying how long it took
   local name=$1 start=$SECONDS
   shift
-  if [ "$(left)" -lt 45 ]; then echo "== $name skipped: $(left) s of the ${BUDGET} s budget left"; return; fi
+  enough "$name" || return 0
   local sizes=("${counts[@]}")
   [[ " $* " == *" --no-full-loop "* ]] || sizes+=("${loops[@]}")  # speed.py refuses loop sizes without the real runs
   echo "== $name: python benchmark/speed.py --device $device ${sizes[*]} $*"

@@ -143,9 +143,9 @@ def test_a_compiled_run_compiles_each_piece_once_per_shape(script, tmp_path, mon
     """A real --compile loop (1 env as in the paper, lagged actor, metrics, logs, a checkpoint) traces each
     compiled function once per input shape and never again: a guard that fails every few steps (a batch shape that
     varies in the fixed-shape replay and acting functions, a new object each step) would recompile (seconds each on a
-    GPU) until dynamo gives up and runs the function eagerly. Dynamo decides this before any backend runs, so the runs here use its `eager` backend (no code
-    generation: seconds instead of minutes); every function may hold two versions (the sum tree's update sees
-    the 3 leaves of an add and a batch's leaves) and the run fails on a third."""
+    GPU) until dynamo gives up and runs the function eagerly. Dynamo decides this before any backend runs, so the runs
+    here use its `eager` backend (no code generation: seconds instead of minutes); every function may hold two
+    versions (the sum tree's update sees the 3 leaves of an add and a batch's leaves) and the run fails on a third."""
     import torch._dynamo.config as dynamo_config
 
     compile = torch.compile

@@ -93,33 +93,32 @@ def test_online_loops_read_the_device_only_to_act(script, tmp_path, monkeypatch)
     check at the end; none in updates, replay writes, sampling, priorities, target syncs or the loop's counters."""
     module = load_script(script)
     flags = dict(encoder="nature", num_experts=2, expert_hidden=16, batch_size=8, buffer_size=2000, num_envs=2,
-                 env_id="Breakout", learning_starts=100, total_timesteps=300,
-                 lagged_actor=True, runs_dir=str(tmp_path), metrics_every=0, log_every=10**6, print_every=10**6,
-                 cuda=False)
+                 env_id="Breakout", learning_starts=100, total_timesteps=300, lagged_actor=True,
+                 runs_dir=str(tmp_path), metrics_every=0, log_every=10**6, print_every=10**6, cuda=False)
     if script in ("der_softmoe", "drq_softmoe"):  # fewer updates than their 1 per step (each one is checked alike)
         flags.update(eval_episodes=0, replay_ratio=0.5)
     if script != "drq_softmoe":
         flags.update(target_network_frequency=40)
     args = module.Args(**flags)
     prepared = module.prepare(args)[:2]
-    updates = Counter()
+    calls = Counter()
     build = module.build_agent
 
     def counted_build(*a):
         agent = build(*a)
         update = agent.update
-        agent.update = lambda: updates.update(["update"]) or update()
+        agent.update = lambda: calls.update(["update"]) or update()
         return agent
 
     monkeypatch.setattr(module, "build_agent", counted_build)
     act = module.Actor.__call__
-    monkeypatch.setattr(module.Actor, "__call__", lambda actor, obs: updates.update(["act"]) or act(actor, obs))
+    monkeypatch.setattr(module.Actor, "__call__", lambda actor, obs: calls.update(["act"]) or act(actor, obs))
     with HostReads(monkeypatch) as mode:
         module.main(args, *prepared)
-    assert updates["update"] >= 25
+    assert calls["update"] >= 25
     assert unexpected(mode.reads) == {}
     acting = sum(n for (kind, _, nearest, stack), n in mode.reads.items() if nearest in ACTS)
-    assert 0 < acting <= updates["act"]  # at most one read per acting call (once per vector step)
+    assert 0 < acting <= calls["act"]  # at most one read per acting call (once per vector step)
     checks = sum(n for (kind, _, nearest, stack), n in mode.reads.items() if nearest in CHECKS)
     assert 0 < checks <= 2  # once at the end (log points and checkpoints are beyond this run)
 
