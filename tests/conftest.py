@@ -62,6 +62,18 @@ def small_agent(module, num_actions: int = 4, device: str = "cpu", **flags):
     return args, agent
 
 
+def equalise_noisy_heads(network) -> None:
+    """Zero the means of a noisy dueling network's heads: every action then has the same noise-free value (uniform
+    atoms, Q = 0), so which action a noisy call picks comes from the noise alone, whatever the initialisation (torch
+    versions draw different initial weights from one seed, and with untouched heads one action can win every draw)."""
+    import torch
+
+    with torch.no_grad():
+        for head in [network.value, network.advantage]:
+            head.weight_mu.zero_()
+            head.bias_mu.zero_()
+
+
 def run_script(name: str, *flags: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run a script on the CPU as a user would (no terminal, so progress comes as plain lines)."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")

@@ -44,6 +44,9 @@ def test_dqn_update_converges_to_q_star(dqn, moe_type):
     rb = dqn.ReplayBuffer(1000, 1, "cpu", n_step=1, gamma=GAMMA, seed=0)
     fill_replay(rb, 60, np.random.default_rng(0))
     for update in range(400):
+        if update == 300:  # a smaller step to finish: at 1e-3 Adam's normalised steps can throw the values 0.03 off
+            for group in optimizer.param_groups:  # again near the fixed point (0.0015 -> 0.027 in 50 updates, torch 2.11)
+                group["lr"] = 1e-4
         td_loss, _, _ = dqn.dqn_loss(q_network, target_network, rb.sample(32), args.loss)
         optimizer.zero_grad()
         td_loss.backward()
@@ -56,4 +59,4 @@ def test_dqn_update_converges_to_q_star(dqn, moe_type):
     with torch.no_grad():
         q = q_network(states)
     expected = torch.tensor([Q_STAR["A"], Q_STAR["B"]])
-    assert (q - expected).abs().max() < 0.02, q
+    assert (q - expected).abs().max() < 0.01, q  # 0.0015 at most in 10 runs (4 seeds x 2 MoEs, torch 2.13; 2.11)

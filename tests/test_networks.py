@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import load_script, small_agent
+from conftest import equalise_noisy_heads, load_script, small_agent
 
 
 def tf_same(size, kernel, stride):
@@ -202,17 +202,29 @@ def test_target_network_keeps_its_noise(script):
 
 @pytest.mark.parametrize("script", ["rainbow_softmoe", "der_softmoe"])
 def test_acting_draws_noise(script):
-    """Acting with noisy nets draws noise: 20 greedy calls on the same states do not all agree (SPEC §4)."""
+    """Acting with noisy nets draws noise (SPEC §4). With the heads' means zeroed every action has the same noise-free
+    value (argmax: action 0 on every call in eval mode), so the actions of training mode's calls come from the noise
+    alone: all four appear. Independent of the initialisation (torch versions draw different ones from one seed)."""
     module = load_script(script)
     _, agent = small_agent(module)
     states = agent.rb.stack_frames(torch.arange(10, 18), torch.zeros(8, dtype=torch.long)).numpy()
-    actions = np.stack([agent.act(states) for _ in range(20)])
-    assert actions.shape == (20, 8)
-    assert (actions != actions[0]).any(), actions
-    # noise off: the same actions every call
-    agent.q_network.eval()
+
+    def acting(calls):
+        return np.stack([agent.act(states) for _ in range(calls)])
+
+    agent.q_network.eval()  # noise off: the same actions every call
     try:
-        still = np.stack([agent.act(states) for _ in range(3)])
+        still = acting(3)
     finally:
         agent.q_network.train()
     assert (still == still[0]).all()
+    equalise_noisy_heads(agent.q_network)
+    agent.q_network.eval()
+    try:
+        assert (acting(3) == 0).all()  # equal noise-free values: argmax takes the first action
+    finally:
+        agent.q_network.train()
+    actions = acting(20)
+    assert actions.shape == (20, 8)
+    assert set(np.unique(actions)) == {0, 1, 2, 3}, actions  # P(an action missing by chance) < 4 (3/4)^160 = 1e-19
+    assert (actions != actions[0]).any(axis=0).all(), actions  # and each state's action changes between calls
