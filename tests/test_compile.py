@@ -144,6 +144,8 @@ def test_replay_on_the_gpu_holds_what_the_cpu_replay_holds(script):
         torch.testing.assert_close(b.cpu(), a)
 
 
+@pytest.mark.skipif(not hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"),
+                    reason="this torch's dynamo cannot fail on a recompile (no fail_on_recompile_limit_hit; torch 2.4)")
 @pytest.mark.parametrize("script", ["dqn_softmoe", "rainbow_softmoe", "der_softmoe", "drq_softmoe"])
 def test_a_compiled_run_compiles_each_piece_once_per_shape(script, tmp_path, monkeypatch):
     """A real --compile loop (1 env as in the paper, lagged actor, metrics, logs, a checkpoint) traces each
