@@ -184,6 +184,8 @@ def game_name(rom: str) -> str:
 
 def make_env(rom: str, num_envs: int, protocol: str, max_episode_frames: int = 108_000) -> AtariVectorEnv:
     """ale-py's C++ vector env, every setting explicit: its defaults are neither protocol (SPEC §1)."""
+    if num_envs < 1:  # ale-py's AtariVectorEnv crashes the interpreter with none
+        raise ValueError(f"an Atari vector env needs at least one env, got {num_envs}")
     atari100k = protocol == "atari100k"
     return AtariVectorEnv(
         rom,
@@ -617,7 +619,7 @@ class QNetwork(nn.Module):
 
 # === shared: ReplayBuffer ===
 class ReplayBuffer:
-    """Circular replay storing ONE 84x84 frame per agent step per env (SPEC §5): 1M transitions take 7.07 GB.
+    """Circular replay storing ONE 84x84 frame per agent step per env (SPEC §5): 1M transitions take 7.06 GB.
 
     Slot t of env e holds the newest frame of the observation the agent acted on, the action, the raw reward,
     `terminal` (stop bootstrapping after this transition) and `last` (the slot holds an episode's final
@@ -897,12 +899,21 @@ def dataset_read_error(path: str, error: Exception) -> DatasetError:
 
 
 def read_npy_gz(path: str) -> np.ndarray:
-    """np.load(allow_pickle=False) of a gzip file (all of it, so the gzip checksum is checked too)."""
+    """np.load(allow_pickle=False) of a gzip file, read to its end so that the gzip checksum is checked too."""
     try:
         with gzip.open(path, "rb") as f:
-            return np.load(f, allow_pickle=False)
+            array = np.load(f, allow_pickle=False)
+            drain_gzip(f)
+            return array
     except Exception as error:
         raise dataset_read_error(path, error) from None
+
+
+def drain_gzip(f) -> None:
+    """Reads an open gzip file to its end: only there does gzip compare the data with the trailer's CRC-32 (np.load
+    and readinto stop at the array's last byte, and a flipped byte inside the data is otherwise read silently)."""
+    while f.read(1 << 24):
+        pass
 
 
 def read_npy_header(path: str, f=None) -> tuple:
@@ -1036,12 +1047,14 @@ def scan_dataset(run_dirs: dict, checkpoints, fraction: float, num_actions: int,
     return records
 
 
-def load_dataset(rb, records: list, workers: int = 8) -> torch.Tensor:
+def load_dataset(rb, records: list, workers: int = 8, verified: set | None = None) -> torch.Tensor:
     """Fill `rb` (one env) with the records' transitions, piece after piece, and return the logical slots a sample may
     start at. As in Dopamine's sampler, a piece's first 3 slots only complete stacks and its last n only end n-step
     windows (unless a terminal in the piece ends theirs), and the 3 zero transitions after a terminal become `last`
     slots: no start, stack or window ever crosses from one checkpoint (or one piece of it) into another. Frames are
-    read in parallel, up to each file's last loaded row."""
+    read in parallel, up to each file's last loaded row; a file not yet in `verified` is read to its end, to check its
+    gzip checksum once (then added: a run reloading checkpoints every iteration decompresses their rest only once)."""
+    verified = set() if verified is None else verified
     offset, starts, jobs = 0, [], []
     for record in records:
         placed, start, pads = [], 0, []
@@ -1072,25 +1085,38 @@ def load_dataset(rb, records: list, workers: int = 8) -> torch.Tensor:
         placed = sorted(placed)  # by row: the pieces a block of rows reaches are consecutive
         ends = np.array([b for _, b, _ in placed])
         rows = max(ends, default=0)
+        def read(f, count):  # the next `count` frames of the file; a read error names the file
+            try:
+                block = bytearray(count * 84 * 84)
+                view, got = memoryview(block), 0
+                while got < len(block):
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise EOFError("the file ends before its last frame")
+                    got += n
+                return torch.from_numpy(np.frombuffer(block, np.uint8).reshape(-1, 84, 84))
+            except Exception as error:
+                raise dataset_read_error(path, error) from None
+
         try:
-            with gzip.open(path, "rb") as f:
-                read_npy_header(path, f)
-                for first in range(0, rows, 4096):  # rows [0, rows): up to the last row loaded
-                    block = bytearray((min(first + 4096, rows) - first) * 84 * 84)
-                    view, got = memoryview(block), 0
-                    while got < len(block):
-                        n = f.readinto(view[got:])
-                        if not n:
-                            raise EOFError("the file ends before its last frame")
-                        got += n
-                    frames = torch.from_numpy(np.frombuffer(block, np.uint8).reshape(-1, 84, 84))
-                    for a, b, at in placed[np.searchsorted(ends, first, side="right"):]:
-                        if a >= first + len(frames):
-                            break
-                        lo, hi = max(a, first), min(b, first + len(frames))
-                        rb.frames[at + lo - a: at + hi - a, 0] = frames[lo - first: hi - first].to(rb.device)
-        except Exception as error:
+            f = gzip.open(path, "rb")
+        except OSError as error:
             raise dataset_read_error(path, error) from None
+        with f:
+            read_npy_header(path, f)
+            for first in range(0, rows, 4096):  # rows [0, rows): up to the last row loaded
+                frames = read(f, min(first + 4096, rows) - first)
+                for a, b, at in placed[np.searchsorted(ends, first, side="right"):]:
+                    if a >= first + len(frames):
+                        break
+                    lo, hi = max(a, first), min(b, first + len(frames))
+                    rb.frames[at + lo - a: at + hi - a, 0] = frames[lo - first: hi - first].to(rb.device)
+            if path not in verified:
+                try:
+                    drain_gzip(f)
+                except Exception as error:
+                    raise dataset_read_error(path, error) from None
+                verified.add(path)
 
     with concurrent.futures.ThreadPoolExecutor(max(1, min(workers, len(jobs)))) as pool:
         for future in [pool.submit(read_frames, *job) for job in jobs]:
@@ -1513,6 +1539,8 @@ def check_args(args: Args) -> None:
     if not args.exp_name or "/" in args.exp_name or os.sep in args.exp_name or "__" in args.exp_name:
         raise ValueError(f"--exp-name {args.exp_name!r} must be a non-empty name without '/' or '__' (run directories are "
                          "named game__exp-name__seed__time)")
+    if not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed must be in [0, 2^32 - 1] (numpy's seeds), got {args.seed}")
     if args.eval_episodes == 0 and args.eval_epsilon != Args.eval_epsilon:
         raise ValueError(f"--eval-epsilon {args.eval_epsilon} applies to evaluation games and --eval-episodes is 0; "
                          "drop --eval-epsilon or set --eval-episodes")
@@ -1579,7 +1607,9 @@ def evaluate(model, rom, episodes, epsilon, device, seed, stop=None):
     Q-values (the expected Q for C51); returns their game scores, or None when `stop` (a StopRequest) got a signal
     first (the games are abandoned so that the run can checkpoint within Slurm's grace time)."""
     envs = make_env(rom, episodes, "dopamine")
-    obs, _ = envs.reset(seed=seed)
+    # each game its own seed: ale-py's seed, seed + 1, ... for the games would repeat most of the next training seed's
+    # games (and can pass ale-py's int32 seeds)
+    obs, _ = envs.reset(seed=np.array([episode_seed(seed, e, 0) for e in range(episodes)], dtype=np.int64))
     rng = np.random.default_rng(seed)
     returns, scores, finished = np.zeros(episodes), np.zeros(episodes), np.zeros(episodes, dtype=bool)
     threads = torch.get_num_threads()
@@ -1693,8 +1723,8 @@ def prepare(args: Args):
     runs = args.runs or [sorted(present)[(args.seed - 1) % len(present)]]
     records = scan_dataset({r: present[r] for r in runs}, args.checkpoints, args.data_fraction, num_actions,
                            args.data_selection, args.seed)
-    if args.checkpoints_per_iteration > len(records):
-        raise ValueError(f"--checkpoints-per-iteration {args.checkpoints_per_iteration} exceeds the {len(records)} "
+    if args.checkpoints_per_iteration >= len(records):  # (equal: every iteration would reload the same data)
+        raise ValueError(f"--checkpoints-per-iteration {args.checkpoints_per_iteration} is not below the {len(records)} "
                          f"checkpoint(s) selected (runs {list(runs)}); lower it, or 0 to load them all once")
     capacity = replay_capacity(records, args.checkpoints_per_iteration)
     if capacity < args.n_step + 5 or not any(r["rows"] >= args.n_step + 4 for r in records):
@@ -1758,6 +1788,9 @@ def main(args: Args, rom: str, run_dir: str, checkpoint, records: list, num_acti
         if device.type == "cuda" and checkpoint["rng"]["cuda"]:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"][0], device)
 
+    verified = set()  # frame files whose gzip checksum was checked (read to their end once)
+    started_at = global_step
+
     def load(iteration: int) -> None:
         """All records, or (--checkpoints-per-iteration K) K of them drawn for this iteration from (seed, iteration)."""
         chosen = records
@@ -1767,11 +1800,17 @@ def main(args: Args, rom: str, run_dir: str, checkpoint, records: list, num_acti
             chosen = [records[i] for i in sorted(picked)]
         start = time.time()
         try:
-            rb.starts = load_dataset(rb, chosen)
+            rb.starts = load_dataset(rb, chosen, verified=verified)
             if not rb.starts.numel():
                 raise DatasetError(f"no transition of checkpoint(s) {[(r['run'], r['checkpoint']) for r in chosen]} "
                                    "can start a sample (each part needs more than 3 + n); raise --data-fraction")
-        except DatasetError as error:
+        except DatasetError as error:  # a checksum error is found here, the other checks ran in `prepare`
+            if global_step > started_at:  # a reload during training: keep what it learned (after the file is fixed,
+                stop_if_nonfinite(check_parameters=True)  # --resume auto goes on from this iteration's start)
+                path = save_checkpoint(checkpoint_state(), run_dir, global_step, args.checkpoint_keep)
+                error = f"{error} (checkpoint written to {path}: continue with --resume auto once the file is fixed)"
+            elif not os.listdir(run_dir):  # a new run's directory, still empty: nothing of it is left behind
+                os.rmdir(run_dir)
             print(f"{script}: error: {error}", file=sys.stderr)
             sys.exit(2)
         print(f"loaded {rb.t:,} transitions ({rb.starts.numel():,} can start a sample) from {len(chosen)} checkpoint(s) "
@@ -1832,7 +1871,7 @@ def main(args: Args, rom: str, run_dir: str, checkpoint, records: list, num_acti
         iteration = global_step // steps_per_iteration
         print(f"evaluating {args.eval_episodes} games at gradient step {global_step}", flush=True)
         played = evaluate(q_network, rom, args.eval_episodes, args.eval_epsilon, device,
-                          args.seed + 100 + 1_000_003 * iteration, stop)
+                          episode_seed(args.seed + 100, 0, iteration), stop)
         pending_evaluation = played is None
         if pending_evaluation:  # a signal: checkpoint now, the same evaluation (same network, seed) is played on resume
             stop_if_nonfinite(check_parameters=True)
@@ -1845,6 +1884,8 @@ def main(args: Args, rom: str, run_dir: str, checkpoint, records: list, num_acti
 
     td_loss = None
     progress = Progress(total_steps, args.print_every, global_step)
+    if not args.eval_episodes:  # resumed with --eval-episodes 0: an interrupted evaluation is dropped too
+        pending_evaluation = False
     if pending_evaluation:  # interrupted by a signal: played before training goes on
         scores = run_evaluation()
     start_time, last_log = time.time(), (global_step, time.time())  # SPS counts training only

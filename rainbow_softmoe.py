@@ -90,7 +90,7 @@ class Args:
     target_network_frequency: int = 8_000
     """agent steps between target network updates"""
     learning_starts: int = 20_000
-    """agent steps before learning starts (minimum replay history)"""
+    """replay slots written before learning starts (minimum replay history): agent steps, plus one slot per episode for its reset step"""
     num_atoms: int = 51
     """atoms of the C51 return distribution"""
     v_min: float = -10.0
@@ -187,6 +187,8 @@ def game_name(rom: str) -> str:
 
 def make_env(rom: str, num_envs: int, protocol: str, max_episode_frames: int = 108_000) -> AtariVectorEnv:
     """ale-py's C++ vector env, every setting explicit: its defaults are neither protocol (SPEC §1)."""
+    if num_envs < 1:  # ale-py's AtariVectorEnv crashes the interpreter with none
+        raise ValueError(f"an Atari vector env needs at least one env, got {num_envs}")
     atari100k = protocol == "atari100k"
     return AtariVectorEnv(
         rom,
@@ -792,7 +794,7 @@ class Actor:
 
 # === shared: ReplayBuffer ===
 class ReplayBuffer:
-    """Circular replay storing ONE 84x84 frame per agent step per env (SPEC §5): 1M transitions take 7.07 GB.
+    """Circular replay storing ONE 84x84 frame per agent step per env (SPEC §5): 1M transitions take 7.06 GB.
 
     Slot t of env e holds the newest frame of the observation the agent acted on, the action, the raw reward,
     `terminal` (stop bootstrapping after this transition) and `last` (the slot holds an episode's final
@@ -1183,12 +1185,21 @@ def dataset_read_error(path: str, error: Exception) -> DatasetError:
 
 
 def read_npy_gz(path: str) -> np.ndarray:
-    """np.load(allow_pickle=False) of a gzip file (all of it, so the gzip checksum is checked too)."""
+    """np.load(allow_pickle=False) of a gzip file, read to its end so that the gzip checksum is checked too."""
     try:
         with gzip.open(path, "rb") as f:
-            return np.load(f, allow_pickle=False)
+            array = np.load(f, allow_pickle=False)
+            drain_gzip(f)
+            return array
     except Exception as error:
         raise dataset_read_error(path, error) from None
+
+
+def drain_gzip(f) -> None:
+    """Reads an open gzip file to its end: only there does gzip compare the data with the trailer's CRC-32 (np.load
+    and readinto stop at the array's last byte, and a flipped byte inside the data is otherwise read silently)."""
+    while f.read(1 << 24):
+        pass
 
 
 def read_npy_header(path: str, f=None) -> tuple:
@@ -1322,12 +1333,14 @@ def scan_dataset(run_dirs: dict, checkpoints, fraction: float, num_actions: int,
     return records
 
 
-def load_dataset(rb, records: list, workers: int = 8) -> torch.Tensor:
+def load_dataset(rb, records: list, workers: int = 8, verified: set | None = None) -> torch.Tensor:
     """Fill `rb` (one env) with the records' transitions, piece after piece, and return the logical slots a sample may
     start at. As in Dopamine's sampler, a piece's first 3 slots only complete stacks and its last n only end n-step
     windows (unless a terminal in the piece ends theirs), and the 3 zero transitions after a terminal become `last`
     slots: no start, stack or window ever crosses from one checkpoint (or one piece of it) into another. Frames are
-    read in parallel, up to each file's last loaded row."""
+    read in parallel, up to each file's last loaded row; a file not yet in `verified` is read to its end, to check its
+    gzip checksum once (then added: a run reloading checkpoints every iteration decompresses their rest only once)."""
+    verified = set() if verified is None else verified
     offset, starts, jobs = 0, [], []
     for record in records:
         placed, start, pads = [], 0, []
@@ -1358,25 +1371,38 @@ def load_dataset(rb, records: list, workers: int = 8) -> torch.Tensor:
         placed = sorted(placed)  # by row: the pieces a block of rows reaches are consecutive
         ends = np.array([b for _, b, _ in placed])
         rows = max(ends, default=0)
+        def read(f, count):  # the next `count` frames of the file; a read error names the file
+            try:
+                block = bytearray(count * 84 * 84)
+                view, got = memoryview(block), 0
+                while got < len(block):
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise EOFError("the file ends before its last frame")
+                    got += n
+                return torch.from_numpy(np.frombuffer(block, np.uint8).reshape(-1, 84, 84))
+            except Exception as error:
+                raise dataset_read_error(path, error) from None
+
         try:
-            with gzip.open(path, "rb") as f:
-                read_npy_header(path, f)
-                for first in range(0, rows, 4096):  # rows [0, rows): up to the last row loaded
-                    block = bytearray((min(first + 4096, rows) - first) * 84 * 84)
-                    view, got = memoryview(block), 0
-                    while got < len(block):
-                        n = f.readinto(view[got:])
-                        if not n:
-                            raise EOFError("the file ends before its last frame")
-                        got += n
-                    frames = torch.from_numpy(np.frombuffer(block, np.uint8).reshape(-1, 84, 84))
-                    for a, b, at in placed[np.searchsorted(ends, first, side="right"):]:
-                        if a >= first + len(frames):
-                            break
-                        lo, hi = max(a, first), min(b, first + len(frames))
-                        rb.frames[at + lo - a: at + hi - a, 0] = frames[lo - first: hi - first].to(rb.device)
-        except Exception as error:
+            f = gzip.open(path, "rb")
+        except OSError as error:
             raise dataset_read_error(path, error) from None
+        with f:
+            read_npy_header(path, f)
+            for first in range(0, rows, 4096):  # rows [0, rows): up to the last row loaded
+                frames = read(f, min(first + 4096, rows) - first)
+                for a, b, at in placed[np.searchsorted(ends, first, side="right"):]:
+                    if a >= first + len(frames):
+                        break
+                    lo, hi = max(a, first), min(b, first + len(frames))
+                    rb.frames[at + lo - a: at + hi - a, 0] = frames[lo - first: hi - first].to(rb.device)
+            if path not in verified:
+                try:
+                    drain_gzip(f)
+                except Exception as error:
+                    raise dataset_read_error(path, error) from None
+                verified.add(path)
 
     with concurrent.futures.ThreadPoolExecutor(max(1, min(workers, len(jobs)))) as pool:
         for future in [pool.submit(read_frames, *job) for job in jobs]:
@@ -1730,6 +1756,8 @@ def check_args(args: Args) -> None:
     if not args.exp_name or "/" in args.exp_name or os.sep in args.exp_name or "__" in args.exp_name:
         raise ValueError(f"--exp-name {args.exp_name!r} must be a non-empty name without '/' or '__' (run directories are "
                          "named game__exp-name__seed__time)")
+    if not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed must be in [0, 2^32 - 1] (numpy's seeds), got {args.seed}")
     if args.eval_episodes == 0 and args.eval_epsilon != Args.eval_epsilon:
         raise ValueError(f"--eval-epsilon {args.eval_epsilon} applies to evaluation games and --eval-episodes is 0; "
                          "drop --eval-epsilon or set --eval-episodes")
@@ -1864,7 +1892,9 @@ def evaluate(model, rom, protocol, episodes, epsilon, device, seed, stop=None):
     """Runs `episodes` episodes at once (one env each), epsilon-greedy on the mean network (noise off);
     returns their game scores, or None when `stop` (a StopRequest) got a signal first (the run then checkpoints)."""
     envs = make_env(rom, episodes, protocol)
-    obs, _ = envs.reset(seed=seed)
+    # each game its own seed: ale-py's seed, seed + 1, ... for the games would repeat most of the next training seed's
+    # games (and can pass ale-py's int32 seeds)
+    obs, _ = envs.reset(seed=np.array([episode_seed(seed, e, 0) for e in range(episodes)], dtype=np.int64))
     rng = np.random.default_rng(seed)
     returns, scores, finished = np.zeros(episodes), np.zeros(episodes), np.zeros(episodes, dtype=bool)
     model.eval()
@@ -1943,6 +1973,28 @@ def build_agent(args: Args, num_actions: int, device: torch.device) -> types.Sim
                                  update=update, act=act)
 
 
+def available_memory(device) -> tuple[int, str]:
+    """Bytes free for the replay on `device`, and where."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], "GPU memory is free"
+    try:
+        with open("/proc/meminfo") as f:
+            return int(next(line for line in f if line.startswith("MemAvailable:")).split()[1]) * 1024, "host memory is available"
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "host memory is available"
+
+
+def check_replay_memory(args: Args, capacity: int, nbytes: int) -> None:
+    """Refuses a replay that would not fit where it lives (all of it on the GPU with --cuda, SPEC §5): one line now
+    instead of an out-of-memory traceback (or the kernel's OOM killer) once the run has started."""
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    free, where = available_memory(device)
+    if nbytes + 2**30 > free:  # a GiB left for the networks, the batches and the emulators
+        fix = "lower --buffer-size" + (" or run with --no-cuda (host memory)" if device.type == "cuda" else "")
+        raise ValueError(f"the replay of {capacity:,} transitions needs {nbytes / 1e9:.2f} GB but {free / 1e9:.1f} GB "
+                         f"of {where}; {fix}")
+
+
 def prepare(args: Args):
     """Every check of the user's input, before anything is created or overwritten.
 
@@ -1950,6 +2002,8 @@ def prepare(args: Args):
     """
     rom = resolve_rom(args.env_id)
     check_args(args)
+    replay = PrioritizedReplayBuffer if args.prioritized else ReplayBuffer
+    check_replay_memory(args, args.buffer_size, replay.nbytes(args.buffer_size))
     prefix = f"{game_name(rom)}__{args.exp_name}__{args.seed}__"
     script = os.path.basename(__file__)
     path = find_checkpoint(args.resume, args.runs_dir, prefix, script, vars(args)) if args.resume else None

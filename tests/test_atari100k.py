@@ -633,3 +633,24 @@ def test_evaluation_acts_epsilon_greedy(script, epsilon, monkeypatch):
         assert share == 1.0
     else:  # 600-800 played steps (seeded): a standard deviation of about 0.02
         assert abs(share - (1 - epsilon + epsilon / 4)) < 0.06, share
+
+
+@pytest.mark.parametrize("script", AGENTS)
+def test_resumed_with_no_evaluation_games_a_pending_evaluation_is_dropped(script, tmp_path, monkeypatch):
+    """A run stopped during an evaluation, resumed with --eval-episodes 0, trains on to its end without playing it
+    (a vector env of 0 games crashed the interpreter)."""
+    module = load_script(script)
+    monkeypatch.setattr(module, "evaluate", lambda *a, **k: None)  # what a signal during the games returns
+    # acting only (no update before 1,000 slots): the evaluation's bookkeeping is under test, not learning
+    flags = dict(encoder="nature", num_experts=2, expert_hidden=16, batch_size=8, env_id="Pong", learning_starts=1000,
+                 total_timesteps=120, metrics_every=0, log_every=1000, print_every=1000, runs_dir=str(tmp_path),
+                 cuda=False)
+    args = module.Args(**flags, eval_every=60, eval_episodes=2)
+    with pytest.raises(SystemExit) as exit:
+        module.main(args, *module.prepare(args))
+    assert exit.value.code == module.EXIT_PREEMPTED
+    monkeypatch.setattr(module, "evaluate", lambda *a, **k: pytest.fail("an evaluation was played"))
+    resumed = module.Args(**flags, eval_every=0, eval_episodes=0, resume="auto")
+    module.main(resumed, *module.prepare(resumed))
+    (summary,) = glob.glob(f"{tmp_path}/*/summary.json")
+    assert json.load(open(summary))["global_step"] == 120

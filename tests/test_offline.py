@@ -629,6 +629,105 @@ def test_bad_data_is_one_clear_line_naming_the_file(cql, tmp_path, kind, message
     assert not (tmp_path / "runs").exists()  # nothing created
 
 
+def flip_last_data_byte(path):
+    """Re-save a dataset file uncompressed inside its gzip (stored blocks) and flip the array's last byte: the file
+    stays a readable gzip of a well-formed .npy of the same length, and only the gzip checksum (CRC-32) can tell."""
+    with gzip.open(path, "rb") as f:
+        array = np.load(f, allow_pickle=False)
+    with open(path, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", compresslevel=0) as out:
+        np.save(out, array, allow_pickle=False)
+    data, tail = bytearray(path.read_bytes()), array.tobytes()[-16:]
+    data[data.rfind(tail) + 15] ^= 0xFF  # the array's last byte, stored as is
+    path.write_bytes(bytes(data))
+    with gzip.open(path, "rb") as f:  # what np.load alone sees: a good array, one value changed
+        changed = np.load(f, allow_pickle=False)
+    assert changed.shape == array.shape and (changed != array).sum() == 1
+
+
+@pytest.mark.parametrize("name", ["$store$_reward_ckpt.1.gz", "$store$_observation_ckpt.0.gz"])
+def test_a_flipped_byte_is_found_by_the_gzip_checksum(cql, tmp_path, capsys, name):
+    """A byte changed inside the data (not the gzip structure) is caught by the checksum, not loaded: the small
+    arrays when the dataset is checked (nothing created), the frames when first loaded (one line naming the file; the
+    new run's directory, still empty, is removed)."""
+    flip_last_data_byte(tiny_dataset(tmp_path / "data") / name)
+    args = tiny_args(cql, dataset_dir=str(tmp_path / "data"), env_id="Pong", num_iterations=1,
+                     gradient_steps_per_iteration=2, batch_size=8, eval_episodes=0, data_fraction=1.0,
+                     runs_dir=str(tmp_path / "runs"))
+    if "reward" in name:
+        with pytest.raises(ValueError, match=re.escape(f"{name}: not a readable gzip file (CRC check failed")):
+            cql.prepare(args)
+    else:
+        prepared = cql.prepare(args)  # the frames' gzip trailer gives the right length
+        with pytest.raises(SystemExit) as exit:
+            cql.main(args, *prepared)
+        assert exit.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and name in lines[0] and "CRC check failed" in lines[0], lines
+    assert not os.listdir(tmp_path / "runs") if (tmp_path / "runs").exists() else True
+
+
+def test_each_frame_file_is_read_to_its_end_once(cql, tmp_path, monkeypatch):
+    """The first load of a frame file reads it to its end (its checksum); a reload with the same `verified` set stops
+    at its last loaded row, and loads the same replay."""
+    tiny_dataset(tmp_path)
+    drained, drain = [], cql.drain_gzip
+    monkeypatch.setattr(cql, "drain_gzip", lambda f: drained.append(os.path.basename(f.name)) or drain(f))
+    records = cql.scan_dataset({1: str(tmp_path / "Pong" / "1")}, (), 0.5, 6, "first")
+    rb, verified = fill(cql, records), set()  # (no set: every file read to its end, as by benchmark/dataset_load.py)
+    frames = rb.frames.clone()
+    drained.clear()  # scan_dataset's small arrays and fill's frames
+    for _ in range(2):
+        rb.starts = cql.load_dataset(rb, records, workers=2, verified=verified)
+        assert torch.equal(rb.frames, frames)
+    assert sorted(drained) == [f"$store$_observation_ckpt.{n}.gz" for n in (0, 1)]
+
+
+def test_a_corrupt_checkpoint_met_mid_run_keeps_what_was_learned(cql, tmp_path, capsys):
+    """--checkpoints-per-iteration 1: the corrupt frame file first drawn at iteration 1 stops the run with one line,
+    after a checkpoint of its training so far; once the file is fixed, --resume auto ends as an uninterrupted run."""
+    logs = tiny_dataset(tmp_path / "data")
+    seed = next(s for s in range(1, 50) if [np.random.default_rng([s, i]).choice(2, 1)[0] for i in (0, 1)] == [0, 1])
+    good = (logs / "$store$_observation_ckpt.1.gz").read_bytes()
+    flip_last_data_byte(logs / "$store$_observation_ckpt.1.gz")
+    flags = dict(dataset_dir=str(tmp_path / "data"), env_id="Pong", num_iterations=2, gradient_steps_per_iteration=3,
+                 checkpoints_per_iteration=1, batch_size=8, eval_episodes=0, data_fraction=1.0, metrics_every=0,
+                 log_every=1, print_every=100, seed=seed, torch_deterministic=True)
+    args = tiny_args(cql, **flags, runs_dir=str(tmp_path / "runs"))
+    with pytest.raises(SystemExit) as exit:
+        cql.main(args, *cql.prepare(args))
+    assert exit.value.code == 2
+    line = capsys.readouterr().err.strip()
+    assert "$store$_observation_ckpt.1.gz: not a readable gzip file (CRC check failed" in line and "\n" not in line
+    assert "checkpoint written to" in line and "continue with --resume auto once the file is fixed" in line
+    (logs / "$store$_observation_ckpt.1.gz").write_bytes(good)
+    resumed = tiny_args(cql, **flags, runs_dir=str(tmp_path / "runs"), resume="auto")
+    cql.main(resumed, *cql.prepare(resumed))
+    full = tiny_args(cql, **flags, runs_dir=str(tmp_path / "full"))
+    cql.main(full, *cql.prepare(full))
+    (run_dir,), (full_dir,) = glob.glob(f"{tmp_path}/runs/*"), glob.glob(f"{tmp_path}/full/*")
+    assert json.load(open(f"{run_dir}/summary.json"))["global_step"] == 6
+    assert read_scalars(run_dir)["losses/td_loss"] == read_scalars(full_dir)["losses/td_loss"]
+
+
+def test_resumed_with_no_evaluation_games_a_pending_evaluation_is_dropped(cql, tmp_path, monkeypatch):
+    """A run stopped during an evaluation, resumed with --eval-episodes 0, trains on without playing it (a vector env
+    of 0 games crashed the interpreter)."""
+    tiny_dataset(tmp_path)
+    monkeypatch.setattr(cql, "evaluate", lambda *a, **k: None)  # what a signal during the games returns
+    flags = dict(dataset_dir=str(tmp_path), env_id="Pong", num_iterations=2, gradient_steps_per_iteration=3,
+                 batch_size=8, data_fraction=1.0, metrics_every=0, log_every=100, print_every=100,
+                 runs_dir=str(tmp_path / "runs"))
+    args = tiny_args(cql, **flags, eval_episodes=2)
+    with pytest.raises(SystemExit) as exit:
+        cql.main(args, *cql.prepare(args))
+    assert exit.value.code == cql.EXIT_PREEMPTED
+    monkeypatch.setattr(cql, "evaluate", lambda *a, **k: pytest.fail("an evaluation was played"))
+    resumed = tiny_args(cql, **flags, eval_episodes=0, resume="auto")
+    cql.main(resumed, *cql.prepare(resumed))
+    (summary,) = glob.glob(f"{tmp_path}/runs/*/summary.json")
+    assert json.load(open(summary))["global_step"] == 6
+
+
 @pytest.mark.parametrize("case", ["no_root", "no_game", "truncated"])
 def test_bad_data_on_the_command_line(tmp_path, case):
     data = tmp_path / "data"
@@ -646,17 +745,18 @@ def test_bad_data_on_the_command_line(tmp_path, case):
 
 
 def test_dataset_selections_that_cannot_work_are_refused(cql, tmp_path):
-    """More checkpoints per iteration than selected, and a run whose replay_logs holds no checkpoint files: one line
-    each, naming the fix, nothing created."""
+    """As many checkpoints per iteration as selected or more (every iteration would reload the same data), and a run
+    whose replay_logs holds no checkpoint files: one line each, naming the fix, nothing created."""
     tiny_dataset(tmp_path / "data")  # run 1: checkpoints 0 and 1
     args = dict(dataset_dir=str(tmp_path / "data"), runs_dir=str(tmp_path / "runs"), cuda=False, data_fraction=1.0)
-    with pytest.raises(ValueError, match=re.escape("--checkpoints-per-iteration 3 exceeds the 2 checkpoint(s)")):
-        cql.prepare(cql.with_agent_defaults(cql.Args(**args, checkpoints_per_iteration=3)))
+    for k in (2, 3):
+        with pytest.raises(ValueError, match=re.escape(f"--checkpoints-per-iteration {k} is not below the 2 checkpoint(s)")):
+            cql.prepare(cql.with_agent_defaults(cql.Args(**args, checkpoints_per_iteration=k)))
     (tmp_path / "data" / "Pong" / "2" / "replay_logs").mkdir(parents=True)
     with pytest.raises(ValueError, match=re.escape("2/replay_logs holds no *_ckpt.N.gz files")):
         cql.prepare(cql.with_agent_defaults(cql.Args(**args, runs=(2,))))
     assert not (tmp_path / "runs").exists()
-    cql.prepare(cql.with_agent_defaults(cql.Args(**args, checkpoints_per_iteration=2)))
+    cql.prepare(cql.with_agent_defaults(cql.Args(**args, checkpoints_per_iteration=1)))
 
 
 def test_memory_is_checked_before_loading(cql, tmp_path, monkeypatch):

@@ -232,3 +232,23 @@ def test_a_deferred_add_reads_as_an_immediate_one(script, kind, tmp_path):
         for name in files:  # the gzip headers hold the time of writing: compare the contents
             with gzip.open(os.path.join(a, name)) as fa, gzip.open(os.path.join(b, name)) as fb:
                 assert fa.read() == fb.read(), name
+
+
+@pytest.mark.parametrize("script", ["dqn_softmoe", "rainbow_softmoe", "der_softmoe", "drq_softmoe"])
+def test_a_replay_that_does_not_fit_is_refused_before_anything_is_created(script, tmp_path, monkeypatch):
+    """The online scripts compare the replay's bytes (plus a GiB) with the memory where it would live: one line
+    naming the bytes and the fix, and no run directory, instead of an out-of-memory error once running."""
+    module = load_script(script)
+    args = module.Args(buffer_size=100_000, total_timesteps=100_000, runs_dir=str(tmp_path / "runs"), cuda=False)
+    capacity = module.replay_slots(args) if hasattr(module, "replay_slots") else args.buffer_size
+    replay = module.PrioritizedReplayBuffer if getattr(args, "prioritized", False) else module.ReplayBuffer
+    need = replay.nbytes(capacity) + 2**30
+    monkeypatch.setattr(module, "available_memory", lambda device: (need - 1, "host memory is available"))
+    with pytest.raises(ValueError) as error:
+        module.prepare(args)
+    assert str(error.value) == (f"the replay of {capacity:,} transitions needs {replay.nbytes(capacity) / 1e9:.2f} GB "
+                                f"but {(need - 1) / 1e9:.1f} GB of host memory is available; lower --buffer-size")
+    assert not (tmp_path / "runs").exists()
+    monkeypatch.setattr(module, "available_memory", lambda device: (need, "host memory is available"))
+    module.prepare(args)
+    assert (tmp_path / "runs").exists()

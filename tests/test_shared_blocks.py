@@ -152,13 +152,15 @@ def test_cpu_networks_are_channels_last_and_compute_what_channels_first_ones_do(
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_flags_that_would_do_nothing_or_break_the_run_layout_are_refused(script):
     """Every script refuses the same nonsense: an exp name that is no single run-directory part (report.py and
-    --resume auto split `game__exp-name__seed__time`), an evaluation epsilon without evaluation games; the online
+    --resume auto split `game__exp-name__seed__time`), an evaluation epsilon without evaluation games, a seed numpy
+    cannot take (it crashed after the run directory was made); the online
     ones also a batch larger than the replay, an explicit iteration longer than the run (no iteration_return), and
     DER/DrQ an evaluation period longer than the run."""
     module = load_script(script)
     cases = [(dict(exp_name="a/b"), "must be a non-empty name without '/' or '__'"),
              (dict(exp_name="a__b"), "must be a non-empty name without '/' or '__'"),
-             (dict(eval_episodes=0, eval_epsilon=0.05), "--eval-epsilon 0.05 applies to evaluation games")]
+             (dict(eval_episodes=0, eval_epsilon=0.05), "--eval-epsilon 0.05 applies to evaluation games"),
+             (dict(seed=-1), "--seed must be in [0, 2^32 - 1]"), (dict(seed=2**32), "--seed must be in [0, 2^32 - 1]")]
     if script != "cql_softmoe":
         cases += [(dict(batch_size=200, buffer_size=100), "--batch-size 200 exceeds --buffer-size 100"),
                   (dict(total_timesteps=1000, iteration_steps=2000), "--iteration-steps 2000 exceeds --total-timesteps")]
@@ -169,4 +171,33 @@ def test_flags_that_would_do_nothing_or_break_the_run_layout_are_refused(script)
         with pytest.raises(ValueError, match=re.escape(message)):
             module.check_args(module.Args(**flags))
     module.check_args(module.Args(eval_episodes=0))
+    module.check_args(module.Args(seed=2**32 - 1))
     assert "runs_dir" in module.RESUMABLE_CHANGES  # --resume PATH decides where the run continues, not --runs-dir
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_evaluation_games_of_consecutive_seeds_never_share_an_emulator_seed(script, monkeypatch):
+    """Every script's evaluate seeds each game on its own (ale-py would give game i the seed + i, so seeds s and s + 1
+    shared all but one game's sticky-action stream), within ale-py's int32 seeds even for the largest --seed."""
+    module = load_script(script)
+    seen = []
+
+    class Recorded(Exception):
+        pass
+
+    class Env:
+        def reset(self, seed=None, **kwargs):
+            seen.append([int(s) for s in np.atleast_1d(seed)])
+            raise Recorded
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(module, "make_env", lambda rom, n, *a, **k: Env())
+    protocol = ("dopamine",) if script in ("dqn_softmoe", "rainbow_softmoe") else ()
+    for seed in (101, 102, 2**32 - 1 + 100):
+        with pytest.raises(Recorded):
+            module.evaluate(None, "pong", *protocol, 10, 0.001, torch.device("cpu"), seed)
+    assert all(len(set(games)) == 10 for games in seen)
+    assert not set(seen[0]) & set(seen[1])
+    assert all(0 <= s < 2**31 - 1 for games in seen for s in games)

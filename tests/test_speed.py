@@ -174,7 +174,7 @@ def test_dataset_load_benchmark_times_both_selections(tmp_path, capsys):
 
     out = tmp_path / "load.md"
     table = dataset_load.main(["--rows", "3000", "--fractions", "0.5", "--repeats", "1", "--out", str(out)])
-    assert out.read_text() == table
+    assert out.read_text() == table and table.splitlines()[3].endswith("| load (s) | reload (s) |")
     rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| 0.5 |")]
     assert [r[1] for r in rows] == ["first", "random"] and all(r[3] == "1,500" for r in rows)
     assert rows[0][2] == "1" and int(rows[1][2]) > 1  # random: several episodes, first: one piece
