@@ -1,9 +1,10 @@
 """Read the scripts' TensorBoard files into a tidy table (experiment, variant, game, seed, step, return).
 
 Run directories are `{runs_dir}/{Game}__{exp_name}__{seed}__{unix_time}`; a run is finished when it holds
-`summary.json`. For each (variant, game, seed) the newest finished run of the expected budget is used (a quick
-look with `--steps` in the same directory is not mistaken for the full run; with `partial`, the newest run when
-none has finished yet). Events are read with tensorboard's own `EventAccumulator`.
+`summary.json`. For each (variant, game, seed) the newest finished run with the planned arguments is used (those
+run.py would skip as finished: a quick look with `--steps` or other flags after `--` in the same directory is not
+mistaken for the full run; with `partial`, the newest run when none has finished yet). Events are read with
+tensorboard's own `EventAccumulator`.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from benchmark.launch import logged_args
-from benchmark.registry import SCRIPTS, Experiment
+from benchmark.launch import differing_arg, logged_args, planned_args
+from benchmark.registry import SCRIPTS, Experiment, plan, steps_of
 
 GAP_S = 30 * 60  # event gaps longer than this (queueing, requeues) do not count as training time
 
@@ -39,22 +40,24 @@ class RunRecord:
 
 
 def logged_budget(path: str, script: str) -> int | None:
-    """The budget (--total-timesteps, or --num-iterations offline) a finished run's summary.json logged."""
-    value = (logged_args(path) or {}).get(SCRIPTS[script].budget_flag[2:].replace("-", "_"))
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
+    """The length a finished run's summary.json logged, in the unit of run.py --steps (registry.steps_of): agent
+    steps, or gradient steps offline (--num-iterations x --gradient-steps-per-iteration)."""
+    return steps_of(logged_args(path) or {}, script)
 
 
 def discover(experiment: Experiment, runs_dir: str, tag: str = "", partial: bool = False,
-             steps: int | None = None) -> tuple[list[RunRecord], dict]:
-    """The run directories of an experiment: one per (variant, game, seed). Finished runs count only with the
-    budget they were planned with: each variant's, or `steps` (run.py --steps). Returns (records, counts)."""
+             steps: int | None = None, extra=()) -> tuple[list[RunRecord], dict]:
+    """The run directories of an experiment: one per (variant, game, seed). A finished run counts only when it is a
+    run of the plan `run.py {experiment} [--steps N] [--tag T] [-- extra]` (launch.args_match: what that plan skips as
+    finished); the others are counted as skipped, of another budget or with other arguments.
+    Returns (records, counts)."""
+    # one planned run per variant: the game and seed are in the directory's name, the rest is the same for all runs
+    planned = {r.variant: r for r in plan(experiment, num_games=1, seeds=1, steps=steps, tag=tag, extra=extra,
+                                          resume=False)}
     variant_of = {experiment.exp_name(v.name, tag): v.name for v in experiment.variants}
-    budget_of = {v.name: (v.script, steps or v.budget) for v in experiment.variants}
     best: dict[tuple, tuple] = {}
-    counts = {"directories": 0, "unfinished_skipped": 0, "older_duplicates": 0, "other_budget_skipped": 0}
+    counts = {"directories": 0, "unfinished_skipped": 0, "older_duplicates": 0, "other_budget_skipped": 0,
+              "other_args_skipped": 0, "other_args_example": ""}
     try:
         entries = list(os.scandir(runs_dir))
     except FileNotFoundError:
@@ -68,10 +71,19 @@ def discover(experiment: Experiment, runs_dir: str, tag: str = "", partial: bool
         counts["directories"] += 1
         finished = os.path.exists(os.path.join(entry.path, "summary.json"))
         key = (variant_of[parts[1]], parts[0], int(parts[2]))
-        script, budget = budget_of[key[0]]
-        if finished and logged_budget(entry.path, script) != budget:  # e.g. a --steps quick look beside the sweep
-            counts["other_budget_skipped"] += 1
-            continue
+        run = planned[key[0]]
+        if finished:
+            logged = logged_args(entry.path) or {}
+            different = differing_arg(run, logged)
+            if different and steps_of(logged, run.script) != steps_of(planned_args(run), run.script):
+                counts["other_budget_skipped"] += 1  # e.g. a --steps quick look beside the sweep
+                continue
+            if different:  # e.g. a quick look with other flags after `--`
+                counts["other_args_skipped"] += 1
+                counts["other_args_example"] = counts["other_args_example"] or (
+                    f"{entry.name}: --{different.replace('_', '-')} "
+                    f"{logged.get(different, 'not logged')}, planned {planned_args(run).get(different)}")
+                continue
         rank = (finished, int(parts[3]))  # finished first, then newest
         if key in best:
             counts["older_duplicates"] += 1
@@ -162,10 +174,10 @@ def read_run(record: RunRecord, metric: str, with_metrics: bool) -> tuple[list[d
 
 
 def collect(experiment: Experiment, runs_dir: str, tag: str = "", partial: bool = False, workers: int = 1,
-            steps: int | None = None):
+            steps: int | None = None, extra=()):
     """Returns (returns table, metrics table or None, counts). Frames = 4 x agent steps (x 1 for offline). counts also
     lists the unreadable event files ("unreadable": one line each) and the runs without a score ("without_scores")."""
-    records, counts = discover(experiment, runs_dir, tag, partial, steps)
+    records, counts = discover(experiment, runs_dir, tag, partial, steps, extra)
     variants = {v.name: v for v in experiment.variants}
     with_metrics = "metrics" in experiment.plots
     jobs = [(r, SCRIPTS[variants[r.variant].script].metric, with_metrics) for r in records]

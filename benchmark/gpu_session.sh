@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU measurements of the README's speed section, prepared to run in one go on a lent GPU machine that has
-# torch but no ale-py, gymnasium or tyro and no network (see DEVELOPERS.md):
+# The GPU measurements of the README's section "Speed and memory (`benchmark/speed.py`)", prepared to run in one go
+# on a lent GPU machine that has torch but no ale-py, gymnasium or tyro and no network (that section's last paragraph):
 #
 #   here, once:   ../shared/tools/device-wheels.sh                # fills .whl/ (ignored by git)
 #   on the GPU:   bash benchmark/gpu_session.sh [PHASE...]         # carry .whl; results go to $OUT

@@ -19,6 +19,10 @@ if __name__ == "__main__":  # a library module, not a command: say which one to 
     sys.exit(2)
 
 import concurrent.futures
+import contextlib
+import dataclasses
+import functools
+import io
 import json
 import os
 import queue
@@ -28,10 +32,16 @@ import subprocess
 import threading
 import time
 
-from benchmark.registry import ROOT, Run, split_flags
+from benchmark.registry import ROOT, SCRIPTS, BenchmarkError, Run, flag_args, load_script_module, split_flags
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL, the scripts' "checkpointed, run me again"
-IGNORED_WHEN_MATCHING = {"runs_dir", "resume", "cuda"}  # may differ between a plan and the finished run
+# may differ between a plan and its finished run: where it writes (runs_dir), reads the data (dataset_dir) and prints
+# (print_every), how it was started (resume) and on which device (cuda), and what it saves besides its logs (save_*;
+# checkpoint_every/keep: a resumed run ends as an uninterrupted one, tests/test_long_runs.py): never scores or curves
+IGNORED_WHEN_MATCHING = {"runs_dir", "dataset_dir", "print_every", "resume", "cuda", "save_model", "save_replay",
+                         "checkpoint_every", "checkpoint_keep"}
+IDENTITY_ARGS = {"env_id", "seed", "exp_name"}  # in the run directory's name, which matched first
+NOT_COMPARED = IGNORED_WHEN_MATCHING | IDENTITY_ARGS
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -65,17 +75,67 @@ def same_value(planned: str | bool, logged) -> bool:
         return str(planned) == str(logged)
 
 
-def args_match(flags, logged_args: dict) -> bool:
-    """True when every planned flag that the finished run logged has the same value (so a shrunk run is not
-    mistaken for the full one)."""
-    for name, part in split_flags(flags):
-        key = name.replace("-", "_")
-        if key in IGNORED_WHEN_MATCHING or key not in logged_args:
+@functools.lru_cache(maxsize=None)
+def script_args(script: str, flags: tuple[str, ...]) -> tuple[dict, dict] | None:
+    """(every field of the Args the script makes of `flags`, as its summary.json logs them; the fields' defaults),
+    or None when the script is missing or cannot be imported. Cached: one parse per variant of a plan."""
+    if not SCRIPTS[script].exists():
+        return None
+    try:
+        module = load_script_module(script)
+    except Exception:  # a script being edited: supports_resume() has warned; its given flags are compared
+        return None
+    import tyro
+
+    text = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(text), contextlib.redirect_stdout(text):
+            args = tyro.cli(module.Args, args=list(flags))
+    except SystemExit:
+        from benchmark.run import tyro_message
+
+        raise BenchmarkError(f"{script}.py rejects `{shlex.join(flags)}`: {tyro_message(text.getvalue())}")
+    if hasattr(module, "with_agent_defaults"):  # what the script runs with and logs (cql: --agent's values)
+        args = module.with_agent_defaults(args)
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(module.Args)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    as_logged = lambda values: json.loads(json.dumps(values, default=str))  # noqa: E731  (tuples become lists)
+    return as_logged(vars(args)), as_logged(defaults)
+
+
+def parsed_plan(run: Run) -> tuple[dict, dict] | None:
+    """script_args of the run's flags, without those never compared: one parse serves every run of a variant."""
+    return script_args(run.script, tuple(token for name, part in split_flags(run.flags)
+                                         if name.replace("-", "_") not in NOT_COMPARED for token in part))
+
+
+def planned_args(run: Run) -> dict:
+    """Every argument the run's script will log for it (only the flags given when the script cannot tell)."""
+    parsed = parsed_plan(run)
+    return flag_args(run.flags) if parsed is None else parsed[0]
+
+
+def differing_arg(run: Run, logged: dict) -> str | None:
+    """The first argument of the planned run that the finished run (its summary.json's args) had otherwise, or None
+    when it is this run. The one test of both the launcher (skip as finished) and the report (the runs it reads)."""
+    parsed = parsed_plan(run)
+    if parsed is None:  # no Args to parse with: compare the flags given, as the command line has them
+        planned, defaults, same = {k: v for k, v in flag_args(run.flags).items() if k in logged}, {}, same_value
+    else:  # JSON values on both sides (1 == 1.0, tuples as lists)
+        (planned, defaults), same = parsed, lambda a, b: a == b  # noqa: E731
+    for key, value in planned.items():  # (a field only the run logged, since removed, cannot be planned)
+        if key in NOT_COMPARED:
             continue
-        planned = (not part[0].startswith("--no-")) if len(part) == 1 else " ".join(part[1:])
-        if not same_value(planned, logged_args[key]):
-            return False
-    return True
+        # a field missing from summary.json is one the run's (older) script did not have yet: that script ran as
+        # the field's default does, so the run matches a plan that leaves the field at its default
+        if key not in logged and key not in defaults or not same(value, logged.get(key, defaults.get(key))):
+            return key
+    return None
+
+
+def args_match(run: Run, logged: dict) -> bool:
+    return differing_arg(run, logged) is None
 
 
 def logged_args(path: str) -> dict | None:
@@ -92,7 +152,7 @@ def finished_dir(run: Run, runs_dir: str, index: dict | None = None) -> str | No
     """The newest finished run directory of this run (summary.json, matching arguments), or None."""
     for path in reversed(run_dirs(run, runs_dir, index)):
         logged = logged_args(path)
-        if logged is not None and args_match(run.flags, logged):
+        if logged is not None and args_match(run, logged):
             return path
     return None
 

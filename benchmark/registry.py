@@ -395,7 +395,9 @@ def fig9() -> Experiment:
 
 
 def fig10() -> Experiment:
-    variants = three_way("rainbow", "rainbow_softmoe", ("--metrics-every", "250000"), M12_5, FIG10_GAMES)
+    # --metrics-every is a run flag: a --steps quick look logs the metrics ~10 times, not never (shrink_flags)
+    variants = [dataclasses.replace(v, run_flags=("--metrics-every", "250000"))
+                for v in three_way("rainbow", "rainbow_softmoe", (), M12_5, FIG10_GAMES)]
     return Experiment("fig10", "Figure 10: analysis metrics",
                       "Rainbow (Impala); baseline, Top1-MoE and Soft MoE with 8 experts; return, empirical-NTK srank, "
                       "feature norm and dormant neurons (batch of 32, every 250k steps) on Asterix, Pong and "
@@ -408,7 +410,7 @@ def fig11() -> Experiment:
     cases = [("cql", "CQL", "5"), ("cql-c51", "CQL+C51", "5"), ("cql-c51", "CQL+C51", "10"), ("cql-c51", "CQL+C51", "50")]
     for agent, label, pct in cases:
         extra = ("--agent", agent, "--data-fraction", str(int(pct) / 100), "--gradient-steps-per-iteration", "62500")
-        if pct == "50":  # 25M transitions (177 GB) fit no GPU: reload 5 random checkpoints per iteration, as batch_rl
+        if pct == "50":  # ~25M transitions (177 GB) fit no GPU: reload 5 random checkpoints an iteration, as batch_rl
             extra += ("--checkpoints-per-iteration", "5")
         vs_ = three_way(agent, "cql_softmoe", extra, 200, OFFLINE17, f"-{pct}pct")
         variants += vs_
@@ -417,10 +419,11 @@ def fig11() -> Experiment:
     return Experiment("fig11", "Figures 11 and 17: offline RL",
                       "CQL and CQL+C51 on the DQN Replay Dataset, 200 iterations of 62,500 gradient steps; baseline, "
                       "Top1-MoE and Soft MoE with 8 experts; 5% of the data (Figure 11), 10% and 50% for CQL+C51 "
-                      "(Figure 17); 17 games (our labelled choice, see registry.OFFLINE17), 5 seeds. 5% and 10% are "
-                      "loaded once (Table 3's fixed replay of 2.5M transitions); 50% (25M, 177 GB) reloads 5 random "
-                      "checkpoints' share every iteration, as the reference's loader, so Figure 17's 10% and 50% also "
-                      "differ in how the data is sampled.",
+                      "(Figure 17); 17 games (our labelled choice, see registry.OFFLINE17), 5 seeds. --data-fraction "
+                      "is a share of each of the 51 checkpoints (50M transitions in all) of one dataset run: 5% and "
+                      "10% (about 2.5M and 5M transitions, 17.7 and 35 GB at 7,071 B each) are loaded once; 50% "
+                      "(about 25M, 177 GB) reloads 5 random checkpoints' share every iteration, as the reference's "
+                      "loader, so Figure 17's 10% and 50% also differ in how the data is sampled.",
                       tuple(variants), tuple(panels))
 
 
@@ -563,24 +566,72 @@ def flag_value(flags, name: str) -> str | None:
     return None
 
 
+OFFLINE_ITERATION = 62_500  # cql_softmoe.py's default --gradient-steps-per-iteration (Table 3)
+
+
 def shrink_flags(variant: Variant, steps: int) -> tuple[str, ...]:
-    """Budget flags for a quick look of `steps` (agent steps; iterations for offline scripts).
+    """Budget flags for a quick look of `steps`: agent steps, or gradient steps for offline scripts (the unit of
+    their logged step, the x axis of their curves).
 
     Also shortens what only shapes the logs so that short runs still have curves: online scripts get ~10
-    iterations (`--iteration-steps`), variants that evaluate during training ~10 evaluations (the 100k Atari-100k
-    variants evaluate only at their end, with 100 games, as in the paper); the replay capacity is capped at the
-    budget (a bigger buffer is never filled). Learning hyper-parameters are left alone: pass them after `--`.
+    iterations (`--iteration-steps`), offline ones ~10 iterations (`--gradient-steps-per-iteration`, the variant's
+    own once there are 10 of them), and a variant's run flags (a period: DER/DrQ's `--eval-every`, fig10's
+    `--metrics-every`) ~10 points (the 100k Atari-100k variants evaluate only at their end, with 100 games, as in
+    the paper); the replay capacity is capped at the budget (a bigger buffer is never filled). Learning
+    hyper-parameters are left alone: pass them after `--`.
     """
     script = SCRIPTS[variant.script]
-    flags = [script.budget_flag, str(steps)]
+    if script.kind == "offline":  # N gradient steps: ~10 iterations, rounded down to a whole number of them
+        own = int(flag_value(variant.flags, "gradient-steps-per-iteration") or OFFLINE_ITERATION)
+        per_iteration = own if steps >= 10 * own else max(steps // 10, 1)
+        flags = [script.budget_flag, str(max(steps // per_iteration, 1)), "--gradient-steps-per-iteration",
+                 str(per_iteration)]
+    else:
+        flags = [script.budget_flag, str(steps)]
+    if script.kind == "online" and steps < 10 * 250_000:
+        flags += ["--iteration-steps", str(max(steps // 10, 1))]
+    for name, part in split_flags(variant.run_flags):  # the variant's own period when the run is not shorter
+        flags += [part[0], str(max(steps // 10, 1)) if steps < full_steps(variant) else part[1]]
     if script.kind in ("online", "atari100k"):
-        if script.kind == "online" and steps < 10 * 250_000:
-            flags += ["--iteration-steps", str(max(steps // 10, 1))]
-        if flag_value(variant.run_flags, "eval-every"):  # the variant's own period when the run is not shorter
-            flags += ["--eval-every", str(max(steps // 10, 1)) if steps < variant.budget
-                      else flag_value(variant.run_flags, "eval-every")]
         flags += ["--buffer-size", str(min(steps, 1_000_000))]
     return tuple(flags)
+
+
+def full_steps(variant: Variant) -> int:
+    """A variant's budget in the unit of run.py --steps (offline: iterations x gradient steps per iteration)."""
+    if SCRIPTS[variant.script].kind == "offline":
+        return variant.budget * int(flag_value(variant.flags, "gradient-steps-per-iteration") or OFFLINE_ITERATION)
+    return variant.budget
+
+
+def steps_of(args: dict, script: str) -> int | None:
+    """A run's length in the unit of run.py --steps, from its arguments ({field: value}, as summary.json logs them):
+    --total-timesteps, or offline --num-iterations x --gradient-steps-per-iteration. None when they are missing."""
+    try:
+        if SCRIPTS[script].kind == "offline":
+            return int(args["num_iterations"]) * int(args.get("gradient_steps_per_iteration", OFFLINE_ITERATION))
+        return int(args[SCRIPTS[script].budget_flag[2:].replace("-", "_")])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def flag_args(flags) -> dict:
+    """{field: value} of the flags given (`--no-x` -> x: False, `--x` -> True, values as strings)."""
+    return {name.replace("-", "_"): (not part[0].startswith("--no-")) if len(part) == 1 else " ".join(part[1:])
+            for name, part in split_flags(flags)}
+
+
+def tag_clash(experiment: Experiment, tag: str) -> str | None:
+    """Why `tag` would give a variant's runs the exp name of another variant's (`fig9-dqn-top1-8` + `-lb` is
+    `fig9-dqn-top1-8-lb`), with or without a tag of its own; None when it is safe."""
+    for v in experiment.variants:
+        for w in experiment.variants:
+            rest = w.name[len(v.name) + 1:] if w.name.startswith(v.name + "-") else ""
+            if rest and (tag == rest or tag.startswith(rest + "-")):
+                other = "" if tag == rest else f" with --tag {tag[len(rest) + 1:]}"
+                return (f"--tag {tag!r}: {experiment.exp_name(v.name, tag)}, the exp name of {v.name}'s runs with it, "
+                        f"is that of variant {w.name}'s runs{other}; pick another tag")
+    return None
 
 
 def plan(experiment: Experiment, games=None, num_games: int | None = None, seeds: int | None = None,
@@ -590,12 +641,15 @@ def plan(experiment: Experiment, games=None, num_games: int | None = None, seeds
 
     games: replace every variant's games (names resolved as in atari_scores.csv); num_games: keep the first N
     that have a human score (then the others);
-    seeds: the first N seeds (1..N); variants: fnmatch patterns on variant names; steps: the budget of every run;
-    tag: appended to exp names; extra: flags appended to every command (they win over the registry's);
+    seeds: the first N seeds (1..N); variants: fnmatch patterns on variant names; steps: the budget of every run
+    (agent steps; gradient steps offline, see shrink_flags); tag: appended to exp names (refused when it makes another
+    variant's name); extra: flags appended to every command (they win over the registry's);
     resume: pass `--resume auto` (None: when the script supports it).
     """
     if tag and not re.fullmatch(r"[A-Za-z0-9.]+(-[A-Za-z0-9.]+)*", tag):
         raise BenchmarkError(f"--tag {tag!r}: use letters, digits, '.' and single '-'")
+    if tag and tag_clash(experiment, tag):  # a report of either variant would read the other's runs
+        raise BenchmarkError(tag_clash(experiment, tag))
     if seeds is not None and seeds < 1 or num_games is not None and num_games < 1 or steps is not None and steps < 1:
         raise BenchmarkError("--seeds, --num-games and --steps must be positive")
     chosen = list(experiment.variants)

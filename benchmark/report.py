@@ -2,12 +2,14 @@
 
     python benchmark/report.py fig1                       # reads runs/, writes results/fig1/
     python benchmark/report.py fig1 --steps 600           # a run.py --steps 600 quick look: results/fig1-steps600/
+    python benchmark/report.py fig1 --steps 600 -- --encoder nature   # ... launched with these flags after --
     python benchmark/report.py fig1 --runs-dir /scratch/runs --out results/fig1 --partial
 
 Writes returns.csv (the tidy table: experiment, variant, game, seed, step, frames, hours, return, normalized,
 finished), final_scores.csv, aggregates.csv (median / IQM / mean / optimality gap with 95% stratified bootstrap
 CIs, rliable), probability_of_improvement.csv, curves.csv, metrics.csv (Figure 10), the PNG figures and
-summary.md. Games without a human score are reported raw and left out of every aggregate.
+summary.md. Games without a human score are reported raw and left out of every aggregate. The runs read are
+those run.py skips as finished for the same plan (--steps, --tag and flags after `--`): same arguments.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import pandas as pd  # noqa: E402
 
 from benchmark import plots, stats  # noqa: E402
 from benchmark.collect import collect  # noqa: E402
-from benchmark.registry import SCRIPTS, BenchmarkError, Experiment, get_experiment  # noqa: E402
+from benchmark.registry import SCRIPTS, BenchmarkError, Experiment, get_experiment, plan  # noqa: E402
 
 TAUS = np.linspace(0.0, 8.0, 81)  # thresholds of the performance profiles when a panel has no scores
 
@@ -48,6 +50,9 @@ def markdown_summary(experiment: Experiment, runs_dir: str, tag: str, counts: di
                  else f"{counts['runs']} finished; {counts['unfinished_skipped']} unfinished skipped (--partial includes them).")
               + (f" {counts['other_budget_skipped']} finished runs of another budget skipped (a --steps quick look, or "
                  "the full runs when reporting with --steps)." if counts.get("other_budget_skipped") else "")
+              + (f" {counts['other_args_skipped']} finished runs launched with other arguments skipped (flags after "
+                 f"`--` other than this report's; e.g. `{counts['other_args_example']}`)."
+                 if counts.get("other_args_skipped") else "")
               + (f" {len(counts['without_scores'])} of them have no score and are left out of every table: "
                  + ", ".join(f"`{os.path.basename(p.split(': ', 1)[0])}`" for p in counts["without_scores"]) + "."
                  if counts.get("without_scores") else "")
@@ -55,7 +60,8 @@ def markdown_summary(experiment: Experiment, runs_dir: str, tag: str, counts: di
                  "damage on are lost): " + "; ".join(f"`{line}`" for line in counts["unreadable"]) + "."
                  if counts.get("unreadable") else ""),
               "Score of a run: " + ("its last logged" if options["window"] == 1 else f"the mean of its last {options['window']}")
-              + f" `{'`, `'.join(tags)}`" + (f" at or before agent step {options['at_step']:,}" if options["at_step"] else "")
+              + f" `{'`, `'.join(tags)}`" + (f" at or before {step_unit(experiment)} {options['at_step']:,}"
+                                             if options["at_step"] else "")
               + ", human-normalised with benchmark/atari_scores.csv. Intervals: 95% stratified bootstrap (rliable; "
               f"{options['reps']:,} reps, {options['poi_reps']:,} for the probability of improvement; numpy seed "
               f"{options['seed']}).", ""]
@@ -96,6 +102,11 @@ def markdown_summary(experiment: Experiment, runs_dir: str, tag: str, counts: di
     return "\n".join(lines) + "\n"
 
 
+def step_unit(experiment: Experiment) -> str:
+    """What a logged step counts: gradient steps offline (fig11), agent steps otherwise."""
+    return "gradient step" if any(SCRIPTS[v.script].kind == "offline" for v in experiment.variants) else "agent step"
+
+
 def stack(frames: list[pd.DataFrame]) -> pd.DataFrame:
     """The frames one after the other; empty ones only give the columns (pandas warns about concatenating them)."""
     full = [f for f in frames if not f.empty]
@@ -114,16 +125,21 @@ def warn_stderr(line: str) -> None:
 def report(experiment: Experiment, runs_dir: str = "runs", out: str | None = None, tag: str = "", partial: bool = False,
            at_step: int | None = None, window: int = 1, reps: int = 50_000, curve_reps: int = 2_000,
            poi_reps: int = 2_000, seed: int = 0, workers: int = 1, say=print, steps: int | None = None,
-           warn=warn_stderr) -> dict[str, str]:
+           warn=warn_stderr, extra=()) -> dict[str, str]:
     """Collect, aggregate and plot one experiment; returns {name: path} of everything written. `steps`: the runs'
-    budget when they were launched with run.py --steps (else each variant's own). `warn` gets one line per unreadable
-    event file and per run without a score."""
+    budget when they were launched with run.py --steps (else each variant's own); `extra`: the flags they were
+    launched with after `--`. `warn` gets one line per unreadable event file and per run without a score."""
     out = out or default_out(experiment.name, tag, steps)
     if not os.path.isdir(runs_dir):
         raise BenchmarkError(f"--runs-dir {runs_dir} " + ("is not a directory" if os.path.exists(runs_dir) else
                                                            "does not exist") + "; pass the --runs-dir the runs were "
                              "launched with (default: runs)")
-    returns, metrics, counts = collect(experiment, runs_dir, tag, partial, workers, steps)
+    if extra:  # refused as run.py refuses them: a flag the plan sets would match no run of it
+        from benchmark.run import refuse_planned_flags
+
+        base = plan(experiment, num_games=1, seeds=1, steps=steps, tag=tag, resume=False)
+        refuse_planned_flags(experiment, base, extra)
+    returns, metrics, counts = collect(experiment, runs_dir, tag, partial, workers, steps, extra)
     for line in counts["unreadable"] + counts["without_scores"]:  # left out, but never silently
         warn(f"warning: {line}")
     if returns.empty:
@@ -131,7 +147,10 @@ def report(experiment: Experiment, runs_dir: str = "runs", out: str | None = Non
         hint = (f"{counts['unfinished_skipped']} unfinished (use --partial to include them)"
                 if counts["unfinished_skipped"] else
                 f"{counts['other_budget_skipped']} finished with another budget (pass the --steps they were run with)"
-                if counts["other_budget_skipped"] else "none logged a score yet" if found else
+                if counts["other_budget_skipped"] else
+                f"{counts['other_args_skipped']} finished with other arguments (pass the flags after -- they were run "
+                f"with; e.g. {counts['other_args_example']})" if counts["other_args_skipped"] else
+                "none logged a score yet" if found else
                 f"no directory named {{Game}}__{experiment.name}-{{variant}}{'-' + tag if tag else ''}__{{seed}}__{{time}}")
         raise BenchmarkError(f"no results for {experiment.name} in {runs_dir}: {found} run directories, {hint}")
     os.makedirs(out, exist_ok=True)
@@ -208,7 +227,9 @@ def add_report_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None,
                         help="output directory (default results/{experiment}[-{tag}], with -steps{N} after --steps N)")
     parser.add_argument("--partial", action="store_true", help="include unfinished runs (their latest scores)")
-    parser.add_argument("--at-step", type=int, default=None, help="score runs at this agent step instead of at their end")
+    parser.add_argument("--at-step", type=int, default=None,
+                        help="score runs at this logged step (agent steps; gradient steps for offline experiments, "
+                             "fig11) instead of at their end")
     parser.add_argument("--final-window", type=int, default=None,
                         help=f"average the last K logged scores of each run (default {d['final_window']})")
     parser.add_argument("--reps", type=int, default=None,
@@ -229,7 +250,7 @@ def given_report_options(args) -> list[str]:
     return ["--" + n.replace("_", "-") for n in names if getattr(args, n) not in (None, False)]
 
 
-def report_from_args(args, experiment: Experiment) -> dict[str, str]:
+def report_from_args(args, experiment: Experiment, extra=()) -> dict[str, str]:
     o = {k: REPORT_DEFAULTS[k] if getattr(args, k) is None else getattr(args, k) for k in REPORT_DEFAULTS}
     if o["final_window"] < 1 or o["reps"] < 1 or o["curve_reps"] < 1 or o["poi_reps"] < 1 or o["workers"] < 1:
         raise BenchmarkError("--final-window, --workers and the --*reps options must be positive")
@@ -237,11 +258,17 @@ def report_from_args(args, experiment: Experiment) -> dict[str, str]:
         raise BenchmarkError("--steps must be positive")
     return report(experiment, args.runs_dir, args.out, args.tag, args.partial, args.at_step, o["final_window"],
                   o["reps"], o["curve_reps"], o["poi_reps"], o["stats_seed"], o["workers"],
-                  steps=getattr(args, "steps", None))
+                  steps=getattr(args, "steps", None), extra=extra)
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if "--" in argv:  # the flags after `--` the runs were launched with (run.py's)
+        extra, argv = argv[argv.index("--") + 1:], argv[:argv.index("--")]
     parser = argparse.ArgumentParser(prog="report.py", description=__doc__.split("\n\n")[0],
+                                     epilog="Flags after `--`: those the runs were launched with after run.py's `--` "
+                                            "(e.g. -- --encoder nature); runs launched with others are skipped.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", help="experiment name (fig1 ... fig19; `python benchmark/run.py --list`)")
     parser.add_argument("--runs-dir", default="runs", help="directory holding the run directories")
@@ -252,7 +279,7 @@ def main(argv=None) -> int:
     add_report_options(parser)
     args = parser.parse_args(argv)
     try:
-        report_from_args(args, get_experiment(args.experiment))
+        report_from_args(args, get_experiment(args.experiment), extra)
     except BenchmarkError as error:
         print(f"report.py: error: {error}", file=sys.stderr)
         return 2

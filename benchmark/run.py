@@ -8,7 +8,8 @@
         -- --learning-starts 5000                                     # a quick look; flags after -- go to every run
 
 Finished runs (summary.json with the same arguments) are skipped, so rerunning a command resumes the sweep.
-`benchmark/report.py` (or --report here) turns the runs into CSV tables, statistics and figures.
+`benchmark/report.py` (or --report here) turns the runs into CSV tables, statistics and figures; give it the same
+--steps, --tag and flags after `--`: it reads the runs this command skips as finished.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from collections import Counter
 if __package__ in (None, ""):  # run as a script: make `benchmark` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmark.registry import (EXPERIMENTS, SCRIPTS, BenchmarkError, get_experiment, plan,  # noqa: E402
-                                supports_resume)
+from benchmark.registry import (EXPERIMENTS, SCRIPTS, BenchmarkError, flag_args, get_experiment,  # noqa: E402
+                                plan, steps_of, supports_resume)
 
 
 DEFAULTS = {"jobs": 1, "time_min": 1440, "gpus_per_run": 1, "runs_per_job": 1, "cpus_per_run": 4,
@@ -52,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seeds", type=int, default=None, help="run seeds 1..N (the paper: 5, Figure 19: 3)")
     g.add_argument("--variants", nargs="+", default=None, help="keep variants matching these patterns (e.g. 'dqn-*')")
     g.add_argument("--steps", type=int, default=None,
-                   help="budget of every run: agent steps (online, Atari 100k) or iterations (offline)")
-    g.add_argument("--tag", default="", help="suffix of the exp names, to keep a variant of the plan apart")
+                   help="budget of every run: agent steps (online, Atari 100k) or gradient steps (offline: ~10 "
+                        "iterations); periods and iterations shrink to ~10 points")
+    g.add_argument("--tag", default="", help="suffix of the exp names, to keep a variant of the plan apart (one that "
+                                             "makes another variant's name is refused)")
     g.add_argument("--runs-dir", default="runs", help="where the scripts write their run directories")
     g.add_argument("--dataset-dir", default="data/dqn-replay", help="DQN Replay Dataset root for the offline runs")
     g.add_argument("--no-resume", action="store_true", help="do not pass --resume auto even if the script supports it")
@@ -104,13 +107,12 @@ def list_experiments() -> None:
 def print_plan(experiment, runs, done: set, todo_count: int) -> None:
     games = Counter(r.game for r in runs)
     seeds = sorted({r.seed for r in runs})
-    budgets = Counter(next((r.flags[i + 1] for i, f in enumerate(r.flags) if f == SCRIPTS[r.script].budget_flag), "?")
-                      for r in runs)
+    budgets = Counter(steps_of(flag_args(r.flags), r.script) or "?" for r in runs)
     print(f"# {experiment.name}: {experiment.title}")
     print(f"# {experiment.description}")
     print(f"# {len(runs)} runs: {len({r.variant for r in runs})} variants x {len(games)} games x {len(seeds)} seeds; "
           f"budget {', '.join(f'{int(b):,} ({n} runs)' for b, n in budgets.items())} "
-          f"({'iterations' if any(SCRIPTS[r.script].kind == 'offline' for r in runs) else 'agent steps'}); "
+          f"({'gradient steps' if any(SCRIPTS[r.script].kind == 'offline' for r in runs) else 'agent steps'}); "
           f"{len(runs) - todo_count} finished, {todo_count} to run")
     for script in experiment.scripts:
         if any(r.script == script for r in runs) and not SCRIPTS[script].exists():
@@ -190,9 +192,31 @@ def tyro_message(text: str) -> str:
     return " ".join(line for line in body if line) or "rejected"
 
 
+def refuse_planned_flags(experiment, base_runs, extra) -> None:
+    """Flags after `--` may add to a plan, never change it: a flag the plan sets (a variant's own, the budget and what
+    --steps sets, a run's identity) is refused (by report.py too: runs of such a plan do not exist)."""
+    from benchmark.registry import shrink_flags, split_flags
+
+    variants = {v.name: v for v in experiment.variants}
+    for run in {r.variant: r for r in base_runs}.values():
+        planned = dict(split_flags(run.flags))
+        run_length = {name for name, _ in split_flags(shrink_flags(variants[run.variant], 1))}  # what --steps sets
+        own = {name for name, _ in split_flags(variants[run.variant].flags)} - run_length
+        for name, _ in split_flags(extra):
+            if name not in planned:
+                continue
+            if name in IDENTITY:
+                raise BenchmarkError(f"-- --{name}: run.py plans --{name} for every run; use {IDENTITY[name]} instead")
+            if name not in own:
+                raise BenchmarkError(f"-- --{name}: the plan sets `{' '.join(planned[name])}` for {run.variant} (its budget, "
+                                     "or --steps); use --steps, or run the script itself for other values")
+            raise BenchmarkError(f"-- --{name}: variant {run.variant} is defined by `{' '.join(planned[name])}` and its runs "
+                                 "would be named and plotted as it; pick variants with --variants, or run the script "
+                                 "itself (a new variant goes in benchmark/registry.py)")
+
+
 def check_extra(experiment, runs, base_runs, extra, node_has_gpu: bool | None = None) -> None:
-    """Flags after `--` may add to a plan, never change it: a flag the plan sets (a variant's own, the budget, a run's
-    identity) is refused, and every script that exists must accept the flags and their values (tyro, then its own
+    """refuse_planned_flags, then every script that exists must accept the flags and their values (tyro, then its own
     check_args, as on a node with a GPU or not: `node_has_gpu`, None for this machine)."""
     import contextlib
     import difflib
@@ -204,22 +228,8 @@ def check_extra(experiment, runs, base_runs, extra, node_has_gpu: bool | None = 
 
     from benchmark.registry import load_script_module, split_flags
 
+    refuse_planned_flags(experiment, base_runs, extra)
     extra_flags = split_flags(extra)
-    variants = {v.name: v for v in experiment.variants}
-    for run in {r.variant: r for r in base_runs}.values():
-        planned = dict(split_flags(run.flags))
-        own = {name for name, _ in split_flags(variants[run.variant].flags)}
-        for name, _ in extra_flags:
-            if name not in planned:
-                continue
-            if name in IDENTITY:
-                raise BenchmarkError(f"-- --{name}: run.py plans --{name} for every run; use {IDENTITY[name]} instead")
-            if name not in own:
-                raise BenchmarkError(f"-- --{name}: the plan sets `{' '.join(planned[name])}` for {run.variant} (its budget, "
-                                     "or --steps); use --steps, or run the script itself for other values")
-            raise BenchmarkError(f"-- --{name}: variant {run.variant} is defined by `{' '.join(planned[name])}` and its runs "
-                                 "would be named and plotted as it; pick variants with --variants, or run the script "
-                                 "itself (a new variant goes in benchmark/registry.py)")
     for run in {r.variant: r for r in runs}.values():
         if not SCRIPTS[run.script].exists():
             continue
@@ -307,7 +317,8 @@ def main(argv=None) -> int:
                       f"submitit logs in {folder}")
                 print(f"when they are done: python {os.path.relpath(os.path.join(os.path.dirname(__file__), 'report.py'))}"
                       f" {experiment.name} --runs-dir {args.runs_dir}" + (f" --tag {args.tag}" if args.tag else "")
-                      + (f" --steps {args.steps}" if args.steps else ""))
+                      + (f" --steps {args.steps}" if args.steps else "")
+                      + (f" -- {shlex.join(extra)}" if extra else ""))
                 if args.submitit_cluster != "slurm":
                     for job in jobs:
                         job.result()
@@ -328,7 +339,7 @@ def main(argv=None) -> int:
         if args.report:
             from benchmark.report import report_from_args
 
-            report_from_args(args, experiment)
+            report_from_args(args, experiment, extra)
         return 0
     except BenchmarkError as error:
         print(f"run.py: error: {error}", file=sys.stderr)

@@ -10,12 +10,13 @@ import sys
 import time
 
 import pytest
+import tyro
 
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 sys.path.insert(0, ROOT)
 from benchmark.launch import RunJob, launch_submitit  # noqa: E402
-from benchmark.registry import EXPERIMENTS, plan, supports_resume  # noqa: E402
+from benchmark.registry import EXPERIMENTS, plan, split_flags, supports_resume  # noqa: E402
 
 TINY = ["--games", "Breakout", "--seeds", "1", "--steps", "300"]
 SCRIPT_FLAGS = ["--", "--encoder", "nature", "--learning-starts", "290", "--metrics-every", "0", "--no-cuda"]
@@ -94,6 +95,50 @@ def run_main(capsys, *args):
     capsys.readouterr()
     assert run.main(list(args)) == 0
     return capsys.readouterr().out
+
+
+def fake_finished(run, drop=(), stamp=1_700_000_000):
+    """A finished run directory of a planned run, without training: summary.json's args as the script logs them
+    (every field of its Args, from its own parser), less the fields in `drop` (a run of an older script)."""
+    module = load_script(run.script)
+    args = json.loads(json.dumps(vars(tyro.cli(module.Args, args=list(run.flags)))))
+    path = os.path.join(dict(split_flags(run.flags))["runs-dir"][1], f"{run.key}__{stamp}")
+    os.makedirs(path)
+    with open(os.path.join(path, "summary.json"), "w") as f:
+        json.dump({"args": {k: v for k, v in args.items() if k not in drop}}, f)
+
+
+def test_a_run_with_other_flags_is_not_a_finished_run_of_the_plan(tmp_path, capsys):
+    """A quick look launched with flags after `--` (the Nature CNN) is not a finished run of the plain plan (Impala by
+    default), nor the other way round; flags that change no score or curve (device, logging, checkpoints) may differ."""
+    runs = str(tmp_path / "runs")
+    quick = ["fig1", "--variants", "dqn-*-1", "--games", "Breakout", "--seeds", "2", "--steps", "600", "--runs-dir",
+             runs, "--dry-run"]
+    nature = ["--encoder", "nature", "--learning-starts", "500", "--metrics-every", "0"]
+    for run in plan(EXPERIMENTS["fig1"], variants=["dqn-*-1"], games=["Breakout"], seeds=2, steps=600, runs_dir=runs,
+                    extra=nature):
+        fake_finished(run)
+    assert "6 finished, 0 to run" in run_main(capsys, *quick, "--", *nature)
+    assert "0 finished, 6 to run" in run_main(capsys, *quick)
+    assert "0 finished, 6 to run" in run_main(capsys, *quick, "--", *nature[:2])
+    assert "6 finished, 0 to run" in run_main(capsys, *quick, "--", *nature, "--no-cuda", "--print-every", "7",
+                                              "--checkpoint-every", "100", "--checkpoint-keep", "2", "--save-model")
+    # the plan of every run, from the script's own parser with its defaults: a default given explicitly is the same
+    assert "6 finished, 0 to run" in run_main(capsys, *quick, "--", *nature, "--encoder-scale", "1", "--loss", "mse")
+    assert "0 finished, 6 to run" in run_main(capsys, *quick, "--", *nature, "--loss", "huber")
+
+
+def test_an_older_run_without_a_newer_field_ran_as_its_default(tmp_path, capsys):
+    """summary.json of a script from before a field existed: the run matches a plan that leaves the field at its
+    default, not one that sets it otherwise."""
+    runs = str(tmp_path / "runs")
+    (run,) = plan(EXPERIMENTS["fig1"], variants=["dqn-baseline-1"], games=["Breakout"], seeds=1, steps=600,
+                  runs_dir=runs)
+    fake_finished(run, drop=("loss", "lagged_actor"))
+    quick = ["fig1", "--variants", "dqn-baseline-1", "--games", "Breakout", "--seeds", "1", "--steps", "600",
+             "--runs-dir", runs, "--dry-run"]
+    assert "1 finished, 0 to run" in run_main(capsys, *quick)
+    assert "0 finished, 1 to run" in run_main(capsys, *quick, "--", "--loss", "huber")
 
 
 def test_slurm_path_with_submitits_local_executor(tmp_path, capsys):

@@ -13,7 +13,8 @@ from conftest import ROOT, load_script
 
 sys.path.insert(0, ROOT)
 from benchmark.launch import same_value  # noqa: E402
-from benchmark.registry import EXPERIMENTS, SCRIPTS, flag_value, plan, split_flags  # noqa: E402
+from benchmark.registry import (EXPERIMENTS, M12_5, SCRIPTS, flag_args, flag_value, plan, split_flags,  # noqa: E402
+                                steps_of)
 
 SPEC_IDS = ["fig1", "fig4", "fig5", "fig6", "fig7", "fig8", "fig9", "fig10", "fig11", "fig12", "fig13", "fig18", "fig19"]
 
@@ -172,6 +173,49 @@ def test_shrinking_a_plan():
     assert "--resume" in plan(EXPERIMENTS["fig1"], seeds=1, num_games=1, resume=True)[0].flags
 
 
+def test_a_quick_look_at_figure_10_logs_its_metrics():
+    """fig10's --metrics-every is a run flag: a --steps quick look logs the metrics ~10 times (as many as its
+    iterations), not never; the full plan keeps 250k (test_plan_is_the_papers)."""
+    for steps, period in ((1000, "100"), (5_000_000, "500000"), (M12_5, "250000")):
+        (run,) = plan(EXPERIMENTS["fig10"], variants=["rainbow-softmoe-8"], games=["Pong"], seeds=1, steps=steps,
+                      resume=False)
+        assert flag_value(run.flags, "metrics-every") == period, steps
+    (run,) = plan(EXPERIMENTS["fig10"], variants=["rainbow-softmoe-8"], games=["Pong"], seeds=1, steps=1000)
+    assert flag_value(run.flags, "iteration-steps") == "100"
+
+
+def test_a_quick_look_at_figure_11_counts_gradient_steps():
+    """--steps N for the offline scripts: N gradient steps (their logged step) in ~10 iterations, the variant's own
+    62,500 per iteration once there are 10 of them; the budget read back from the arguments is N."""
+    cases = {1000: ("10", "100"), 7: ("7", "1"), 625_000: ("10", "62500"), 1_250_000: ("20", "62500"),
+             200 * 62_500: ("200", "62500")}
+    for steps, expected in cases.items():
+        (run,) = plan(EXPERIMENTS["fig11"], variants=["cql-softmoe-8-5pct"], games=["Pong"], seeds=1, steps=steps,
+                      resume=False)
+        per_iteration = flag_value(run.flags, "gradient-steps-per-iteration")
+        assert (flag_value(run.flags, "num-iterations"), per_iteration) == expected
+        assert steps_of(flag_args(run.flags), "cql_softmoe") == steps
+    full = plan(EXPERIMENTS["fig11"], games=["Pong"], seeds=1, resume=False)  # the paper's plan is --steps 12.5M
+    assert [r.flags for r in full] == [r.flags for r in plan(EXPERIMENTS["fig11"], games=["Pong"], seeds=1,
+                                                             steps=12_500_000, resume=False)]
+    assert {flag_value(r.flags, "gradient-steps-per-iteration") for r in full} == {"62500"}
+    assert {flag_value(r.flags, "num-iterations") for r in full} == {"200"}
+
+
+def test_figure_11s_description_has_the_data_sizes_the_script_loads():
+    """--data-fraction is a share of each of the 51 checkpoints (about 1M transitions) of one dataset run."""
+    text = EXPERIMENTS["fig11"].description
+    assert "51 checkpoints" in text and "2.5M and 5M transitions" in text and "35 GB" in text and "25M" in text
+    assert "fixed replay of 2.5M" not in text  # (a share of each checkpoint, not one fixed replay)
+
+
+def test_gpu_session_points_to_an_existing_readme_section():
+    header = "\n".join(open(os.path.join(ROOT, "benchmark", "gpu_session.sh")).read().splitlines()[:4])
+    assert "DEVELOPERS.md" not in header or os.path.exists(os.path.join(ROOT, "DEVELOPERS.md"))
+    section = header.split('README\'s section "', 1)[1].split('"', 1)[0]
+    assert f"## {section}\n" in open(os.path.join(ROOT, "README.md")).read()
+
+
 def cli(*args, cwd=ROOT):
     return subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "run.py"), *args],
                           capture_output=True, text=True, cwd=cwd, timeout=120)
@@ -200,6 +244,13 @@ def test_bad_input_is_one_clear_line():
     (["fig1", "--variants", "ppo-*", "--dry-run"], "run.py: error: no variant of fig1 matches ppo-*"),
     (["fig1", "--seeds", "0", "--dry-run"], "run.py: error: --seeds, --num-games and --steps must be positive"),
     (["fig1", "--tag", "a__b", "--dry-run"], "run.py: error: --tag 'a__b': use letters, digits"),
+    # a tag that makes another variant's exp name: a report of either would read the other's runs
+    (["fig9", "--variants", "dqn-top1-8", "--tag", "lb", "--dry-run"],
+     "run.py: error: --tag 'lb': fig9-dqn-top1-8-lb, the exp name of dqn-top1-8's runs with it, is that of variant "
+     "dqn-top1-8-lb's runs; pick another tag\n"),
+    (["fig13", "--variants", "dqn-regular", "--tag", "l2-x", "--dry-run"],
+     "run.py: error: --tag 'l2-x': fig13-dqn-regular-l2-x, the exp name of dqn-regular's runs with it, is that of "
+     "variant dqn-regular-l2's runs with --tag x; pick another tag\n"),
     ([], "run.py: error: name an experiment (or use --list)"),
     (["fig1", "--runs-per-job", "4", "--dry-run"], "run.py: error: --runs-per-job packs runs into Slurm jobs"),
     (["fig1", "--launcher", "slurm", "--runs-per-job", "0"], "run.py: error: --runs-per-job must be at least 1"),
@@ -224,6 +275,13 @@ QUICK = ["fig1", "--variants", "dqn-softmoe-1", "--games", "Pong", "--seeds", "1
     ([*QUICK, "--", "--seed", "3"], "run.py: error: -- --seed: run.py plans --seed for every run; use --seeds instead"),
     ([*QUICK, "--steps", "600", "--", "--buffer-size", "50"], "run.py: error: -- --buffer-size: the plan sets "
                                                                "`--buffer-size 600` for dqn-softmoe-1"),
+    (["fig10", "--variants", "rainbow-baseline", "--games", "Pong", "--seeds", "1", "--steps", "1000", "--dry-run",
+      "--", "--metrics-every", "5"], "run.py: error: -- --metrics-every: the plan sets `--metrics-every 100` for "
+                               "rainbow-baseline (its budget, or --steps); use --steps"),
+    (["fig11", "--variants", "cql-baseline-5pct", "--games", "Pong", "--seeds", "1", "--steps", "1000", "--dry-run",
+      "--", "--gradient-steps-per-iteration", "5"],
+     "run.py: error: -- --gradient-steps-per-iteration: the plan sets `--gradient-steps-per-iteration 100` for "
+     "cql-baseline-5pct (its budget"),
     # ... and are checked against the script's own Args before anything starts
     ([*QUICK, "--", "--bogus-flag", "3"], "run.py: error: -- --bogus-flag: dqn_softmoe.py has no such flag; see "
                                           "python dqn_softmoe.py --help"),

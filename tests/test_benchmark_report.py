@@ -1,6 +1,7 @@
 """benchmark/collect.py, stats.py, plots.py and report.py on real TensorBoard event files with known values:
 the tidy table, human-normalised scores and IQM against hand computations, the intervals against rliable."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -11,12 +12,13 @@ import matplotlib.image
 import numpy as np
 import pandas as pd
 import pytest
+import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 sys.path.insert(0, ROOT)
-from benchmark.registry import EXPERIMENTS, SCRIPTS  # noqa: E402
+from benchmark.registry import EXPERIMENTS, plan  # noqa: E402
 from benchmark.report import report  # noqa: E402
 from benchmark.stats import improvement_probability  # noqa: E402
 
@@ -30,18 +32,27 @@ PONG, BREAKOUT = (-20.7, 14.6), (1.7, 30.5)
 STAMP = 1_700_000_000
 
 
-def planned_budget(exp_name):
-    """{budget arg: value} of the registry variant whose exp name (with or without a tag) this is."""
-    for experiment in EXPERIMENTS.values():
-        for v in experiment.variants:
-            if exp_name in (experiment.exp_name(v.name), experiment.exp_name(v.name, exp_name.rsplit("-", 1)[-1])):
-                return {SCRIPTS[v.script].budget_flag[2:].replace("-", "_"): v.budget}
+def logged_args(exp_name, game="Pong", seed=1, steps=None, extra=()):
+    """What a script logs as summary.json's args for a run of this exp name (with or without a tag): every field of
+    its Args, parsed from the registry's command by the script's own parser (as the script does, not as launch.py)."""
+    for tagged in (False, True):
+        for experiment in EXPERIMENTS.values():
+            for v in experiment.variants:
+                tag = exp_name.rsplit("-", 1)[-1] if tagged else ""
+                if exp_name != experiment.exp_name(v.name, tag):
+                    continue
+                (run,) = plan(experiment, games=[game], seeds=1, variants=[v.name], steps=steps, tag=tag,
+                              extra=extra, resume=False)
+                module = load_script(run.script)
+                args = tyro.cli(module.Args, args=[*run.flags, "--seed", str(seed)])
+                args = module.with_agent_defaults(args) if hasattr(module, "with_agent_defaults") else args
+                return json.loads(json.dumps(vars(args)))
     raise KeyError(exp_name)
 
 
-def write_run(runs_dir, game, exp_name, seed, scalars, stamp=STAMP, finished=True, budget=None):
+def write_run(runs_dir, game, exp_name, seed, scalars, stamp=STAMP, finished=True, budget=None, extra=(), args=None):
     """A run directory as the scripts write it: TensorBoard events, then summary.json when finished, with the
-    variant's budget among its args (or `budget`, as a run.py --steps quick look logs it)."""
+    arguments of the registry's command (of a run.py --steps `budget` quick look, `extra` after `--`), or `args`."""
     path = os.path.join(runs_dir, f"{game}__{exp_name}__{seed}__{stamp}")
     writer = SummaryWriter(path)
     for tag, points in scalars.items():
@@ -51,7 +62,7 @@ def write_run(runs_dir, game, exp_name, seed, scalars, stamp=STAMP, finished=Tru
     writer.close()
     if finished:
         with open(os.path.join(path, "summary.json"), "w") as f:
-            args = {k: budget or v for k, v in planned_budget(exp_name).items()}
+            args = args if args is not None else logged_args(exp_name, game, seed, budget, extra)
             json.dump({"game": game, "exp_name": exp_name, "seed": seed, "args": args}, f)
     return path
 
@@ -249,6 +260,82 @@ def test_a_quick_look_beside_the_sweep_is_not_scored_as_the_full_run(tmp_path):
     full, summary = scores()
     assert full == {"Breakout": 20.0, "Pong": 5.0} and "2 finished runs of another budget skipped" in summary
     assert scores(steps=600)[0] == {"Breakout": -1.0, "Pong": -1.0}
+
+
+def test_the_report_of_a_plan_reads_the_runs_that_plan_skips_as_finished(tmp_path, capsys):
+    """Runs of the right name launched with other flags after `--` (a Nature-CNN quick look beside Impala runs of the
+    same budget) are skipped and counted; the report given the same flags (report.py's `--`) reads them instead."""
+    from benchmark.report import main as report_main
+
+    runs = str(tmp_path / "runs")
+    nature = ("--encoder", "nature", "--learning-starts", "500", "--metrics-every", "0")
+    for game in ("Pong", "Breakout"):
+        write_run(runs, game, "fig18-dqn-softmoe-8-filter4", 1, {"charts/iteration_return": [(600, 3.0)]}, budget=600)
+        write_run(runs, game, "fig18-dqn-softmoe-8-filter4", 1, {"charts/iteration_return": [(600, -1.0)]},
+                  stamp=STAMP + 10, budget=600, extra=nature)
+
+    def scores(**options):
+        written = report(EXPERIMENTS["fig18"], runs, str(tmp_path / "out"), reps=50, curve_reps=5, poi_reps=5,
+                         say=lambda s: None, steps=600, **options)
+        final = pd.read_csv(written["returns.csv"]).groupby("game")["return"].last()
+        return final.to_dict(), open(written["summary.md"]).read()
+
+    impala, summary = scores()
+    assert impala == {"Breakout": 3.0, "Pong": 3.0}
+    assert "2 finished runs launched with other arguments skipped" in summary and "--learning-starts 500" in summary
+    quick, summary = scores(extra=nature)
+    assert quick == {"Breakout": -1.0, "Pong": -1.0} and "2 finished runs launched with other arguments" in summary
+    # flags that change no score or curve may differ; the command line takes the flags after `--` as run.py does
+    assert scores(extra=(*nature, "--no-cuda", "--checkpoint-every", "100"))[0] == quick
+    options = ["--runs-dir", runs, "--steps", "600", "--out", str(tmp_path / "cli"), "--reps", "50", "--curve-reps",
+               "5", "--poi-reps", "5", "--workers", "1"]
+    assert report_main(["fig18", *options, "--", *nature]) == 0
+    assert pd.read_csv(tmp_path / "cli" / "returns.csv")["return"].tolist() == [-1.0, -1.0]
+    # only Nature-CNN runs, reported as the plan's default: one line saying why there is nothing and what differs
+    only = str(tmp_path / "only")
+    write_run(only, "Pong", "fig18-dqn-softmoe-8-filter4", 1, iteration_returns(1.0), extra=nature)
+    capsys.readouterr()
+    assert report_main(["fig18", "--runs-dir", only, "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"report.py: error: no results for fig18 in {only}: 1 run directories, 1 finished with other "
+                          "arguments (pass the flags after -- they were run with; e.g. "
+                          "Pong__fig18-dqn-softmoe-8-filter4__1__1700000000: --learning-starts 500, planned 20000)")
+    assert err.count("\n") == 1, err
+    # a flag the plan sets matches no run: refused as run.py refuses it
+    assert report_main(["fig18", "--runs-dir", only, "--", "--num-experts", "4"]) == 2
+    assert capsys.readouterr().err.startswith("report.py: error: -- --num-experts: variant dqn-baseline-filter4 is "
+                                              "defined by `--num-experts 1`")
+
+
+def test_a_tag_that_makes_another_variants_name_is_refused(tmp_path, capsys):
+    from benchmark.report import main as report_main
+
+    assert report_main(["fig9", "--runs-dir", str(tmp_path), "--tag", "lb"]) == 2
+    assert capsys.readouterr().err == ("report.py: error: --tag 'lb': fig9-dqn-top1-8-lb, the exp name of dqn-top1-8's "
+                                       "runs with it, is that of variant dqn-top1-8-lb's runs; pick another tag\n")
+
+
+def test_offline_runs_are_scored_at_a_gradient_step(tmp_path):
+    """fig11's logged step is the gradient step: --at-step and summary.md say so; a --steps quick look counts
+    gradient steps (10 iterations of 100 for --steps 1000), read back from summary.json consistently."""
+    from benchmark.collect import logged_budget
+    from benchmark.report import add_report_options
+
+    runs = str(tmp_path / "runs")
+    for steps, value in ((None, 5.0), (1000, 2.0)):
+        length = steps or 200 * 62_500
+        path = write_run(runs, "Pong", "fig11-cql-softmoe-8-5pct", 1, {"eval/episodic_return": [
+            (length // 2, value - 1), (length, value)]}, stamp=STAMP + bool(steps), budget=steps)
+        assert logged_budget(path, "cql_softmoe") == length
+    for steps, expected in ((None, 4.0), (1000, 1.0)):
+        written = report(EXPERIMENTS["fig11"], runs, str(tmp_path / f"out{steps}"), reps=50, curve_reps=5, poi_reps=5,
+                         say=lambda s: None, steps=steps, at_step=(steps or 200 * 62_500) // 2)
+        assert pd.read_csv(written["final_scores.csv"])["return"].tolist() == [expected]
+        summary = open(written["summary.md"]).read()
+        assert f"at or before gradient step {(steps or 200 * 62_500) // 2:,}" in summary and "agent step" not in summary
+    parser = argparse.ArgumentParser()
+    add_report_options(parser)
+    assert "gradient steps for offline" in " ".join(parser.format_help().split())
 
 
 def test_no_results_is_one_clear_line(tmp_path):
