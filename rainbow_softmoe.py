@@ -1371,6 +1371,7 @@ def load_dataset(rb, records: list, workers: int = 8, verified: set | None = Non
         placed = sorted(placed)  # by row: the pieces a block of rows reaches are consecutive
         ends = np.array([b for _, b, _ in placed])
         rows = max(ends, default=0)
+
         def read(f, count):  # the next `count` frames of the file; a read error names the file
             try:
                 block = bytearray(count * 84 * 84)
