@@ -51,6 +51,8 @@ class Args:
     """make cuDNN deterministic (`torch.backends.cudnn.deterministic`; CPU runs are reproducible either way)"""
     cuda: bool = True
     """use CUDA when it is available (networks, replay memory, sum tree and sampling all live on the GPU)"""
+    gpu_replay_fraction: float | None = None
+    """share of the replay's frames kept on the GPU, the rest in page-locked host memory (default: all of them if they fit with a GiB to spare, else as many as fit; SPEC §5)"""
     compile: bool = False
     """compile the training step, acting and the replay's sampling with `torch.compile` (fewer GPU kernel launches)"""
     compile_mode: Literal["default", "reduce-overhead"] = "default"
@@ -800,15 +802,21 @@ class ReplayBuffer:
     `terminal` (stop bootstrapping after this transition) and `last` (the slot holds an episode's final
     observation and no transition starts from it). Stacks of 4 frames are rebuilt when sampling, zeroing frames
     of an earlier episode; n-step returns are built when sampling and stop at a terminal or an episode's end.
-    Everything lives on `device`, so on a GPU sampling never touches the host.
+    Everything lives on `device`, so on a GPU sampling never touches the host, except with `device_slots`: a GPU too
+    small for the whole memory keeps the frames of slots [0, device_slots) (SPEC §5: as much as fits) and the rest in
+    page-locked host memory, read with one host synchronisation per batch. `frames` is the device's share.
     """
 
-    def __init__(self, capacity, num_envs, device, n_step=1, gamma=0.99, stack=4, frame_shape=(84, 84), seed=0):
+    def __init__(self, capacity, num_envs, device, n_step=1, gamma=0.99, stack=4, frame_shape=(84, 84), seed=0,
+                 device_slots=None):
         self.size, self.num_envs = capacity // num_envs, num_envs  # slots per env
         if self.size <= n_step + stack:
             raise ValueError(f"--buffer-size {capacity} is too small for {num_envs} envs and n-step {n_step}")
         self.device, self.n_step, self.gamma, self.stack = device, n_step, gamma, stack
-        self.frames = torch.zeros((self.size, num_envs, *frame_shape), dtype=torch.uint8, device=device)
+        near = self.size if device_slots is None else min(max(device_slots, 0), self.size)
+        self.frames = torch.zeros((near, num_envs, *frame_shape), dtype=torch.uint8, device=device)
+        self.host_frames = None if near == self.size else torch.zeros(  # page-locked: copies to the GPU are async
+            (self.size - near, num_envs, *frame_shape), dtype=torch.uint8, pin_memory=self.frames.is_cuda)
         self.actions = torch.zeros((self.size, num_envs), dtype=torch.uint8, device=device)
         self.rewards = torch.zeros((self.size, num_envs), dtype=torch.float32, device=device)
         self.terminals = torch.zeros((self.size, num_envs), dtype=torch.bool, device=device)
@@ -842,13 +850,40 @@ class ReplayBuffer:
     def write(self, frames, actions, rewards, terminals, last):
         slot = self.t % self.size
         pinned = self.frames.is_cuda  # from page-locked memory a copy is asynchronous: it does not wait for the GPU
-        for storage, value in zip((self.frames, self.actions, self.rewards, self.terminals, self.last),
-                                  (frames, actions, rewards, terminals, last)):
+        values = []
+        for value in (frames, actions, rewards, terminals, last):
             value = torch.as_tensor(value)
             if pinned:  # contiguous first: copy_ stages a strided source (obs[:, -1] of N > 1 envs) in pageable memory
                 value = value.contiguous().pin_memory()
+            values.append(value)
+        self.put_frames(slot, values[0][None])
+        for storage, value in zip((self.actions, self.rewards, self.terminals, self.last), values[1:]):
             storage[slot].copy_(value, non_blocking=pinned)  # straight into the slot
         self.t += 1
+
+    def put_frames(self, start, frames, env=slice(None)) -> None:
+        """Frames (k, num_envs, 84, 84), or (k, 84, 84) of one `env`, into slots [start, start + k): the device's share
+        first, the rest in host memory. Asynchronous from page-locked memory."""
+        near = len(self.frames)
+        k = min(max(near - start, 0), len(frames))
+        self.frames[start: start + k, env].copy_(frames[:k], non_blocking=frames.is_pinned())
+        if k < len(frames):
+            self.host_frames[start + k - near: start + len(frames) - near, env].copy_(frames[k:])
+
+    def read_frames(self, slots, envs) -> torch.Tensor:
+        """Frames of storage slots (already modulo size) and envs, broadcast together, on the device. A split replay
+        takes its indices to the host (the one synchronisation) and copies only the frames that live there."""
+        if self.host_frames is None:
+            return self.frames[slots, envs]
+        near, device = len(self.frames), self.device
+        slots, envs = torch.broadcast_tensors(slots.cpu(), torch.as_tensor(envs).cpu())
+        shape, slots, envs = slots.shape, slots.flatten(), envs.flatten()
+        here, there = (slots < near).nonzero().squeeze(1), (slots >= near).nonzero().squeeze(1)
+        out = torch.empty((len(slots), *self.frames.shape[2:]), dtype=torch.uint8, device=device)
+        out[here.to(device)] = self.frames[slots[here].to(device), envs[here].to(device)]
+        block = self.host_frames[slots[there] - near, envs[there]]
+        out[there.to(device)] = block.pin_memory().to(device, non_blocking=True) if self.frames.is_cuda else block
+        return out.view(*shape, *self.frames.shape[2:])
 
     def valid_range(self) -> tuple[int, int]:
         """Logical slots [lo, hi] a sample may start at: its stack is not overwritten, its n-step window is written."""
@@ -881,7 +916,7 @@ class ReplayBuffer:
         """
         offsets = torch.arange(-self.stack + 1, 1, device=self.device)
         slots = idx[:, None] + offsets  # (B, stack), oldest first
-        frames = self.frames[slots % self.size, envs[:, None]]
+        frames = self.read_frames(slots % self.size, envs[:, None])
         ended = self.last[slots % self.size, envs[:, None]] | self.terminals[slots % self.size, envs[:, None]] | (slots < 0)
         # frame j belongs to an earlier episode if any slot in [j, idx - 1] ended one
         earlier = ended.flip(1).cumsum(1).flip(1) - ended[:, -1:].long() > 0
@@ -901,8 +936,8 @@ class ReplayBuffer:
         steps = alive.sum(1)
         done = (terminal & alive).any(1)
         discounts = self.discounts[steps] * ~done
-        states = self.stack_frames(idx, envs)
-        next_states = self.stack_frames(idx + steps, envs)
+        # both stacks in one read: a split replay synchronises with the host once per batch
+        states, next_states = self.stack_frames(torch.cat([idx, idx + steps]), torch.cat([envs, envs])).chunk(2)
         return states, self.actions[idx % self.size, envs].long(), returns, discounts, next_states
 
     def sample(self, batch_size):
@@ -910,22 +945,29 @@ class ReplayBuffer:
 
     def compile(self) -> None:
         """--compile: `gather`'s ~60 small tensor operations fuse into a few kernels (on a GPU, launches cost more
-        than their work). Shapes are static: one compilation per batch size."""
-        self.gather = torch.compile(self.gather, dynamic=False, fullgraph=True)
+        than their work). Shapes are static: one compilation per batch size. A split replay's reads go through the
+        host, so its `gather` stays eager."""
+        if self.host_frames is None:
+            self.gather = torch.compile(self.gather, dynamic=False, fullgraph=True)
 
     def state_dict(self) -> dict:
         """Contents and sampler state; only the written part when not yet full (a slice would save everything)."""
         self.flush()
         filled = min(self.t, self.size)
         keep = (lambda x: x) if filled == self.size else (lambda x: x[:filled].to("cpu", copy=True))  # not on the GPU
-        names = ["frames", "actions", "rewards", "terminals", "last"]
-        return {"t": self.t, "generator": self.generator.get_state(), **{k: keep(getattr(self, k)) for k in names}}
+        frames = keep(self.frames) if self.host_frames is None else torch.cat(  # one array whatever the split
+            [self.frames[:filled].cpu(), self.host_frames[:max(filled - len(self.frames), 0)]])
+        names = ["actions", "rewards", "terminals", "last"]
+        return {"t": self.t, "generator": self.generator.get_state(), "frames": frames,
+                **{k: keep(getattr(self, k)) for k in names}}
 
     def load_state_dict(self, state: dict) -> None:
         if state["frames"].shape[1:] != self.frames.shape[1:] or state["frames"].shape[0] > self.size:
-            raise ValueError(f"replay of shape {tuple(state['frames'].shape)} does not fit this run's replay {tuple(self.frames.shape)}")
+            raise ValueError(f"replay of shape {tuple(state['frames'].shape)} does not fit this run's replay "
+                             f"{(self.size, *self.frames.shape[1:])}")
         self.deferred = None  # the loaded contents replace everything, a held slot too
-        for k in ["frames", "actions", "rewards", "terminals", "last"]:
+        self.put_frames(0, state["frames"])
+        for k in ["actions", "rewards", "terminals", "last"]:
             getattr(self, k)[: state[k].shape[0]] = state[k].to(self.device)
         self.t = state["t"]
         restore_generator(self.generator, state["generator"])
@@ -994,8 +1036,9 @@ class PrioritizedReplayBuffer(ReplayBuffer):
     largest priority so far once its n-step window is written, and 0 once the write cursor reaches its stack.
     """
 
-    def __init__(self, capacity, num_envs, device, n_step=1, gamma=0.99, stack=4, frame_shape=(84, 84), seed=0):
-        super().__init__(capacity, num_envs, device, n_step, gamma, stack, frame_shape, seed)
+    def __init__(self, capacity, num_envs, device, n_step=1, gamma=0.99, stack=4, frame_shape=(84, 84), seed=0,
+                 device_slots=None):
+        super().__init__(capacity, num_envs, device, n_step, gamma, stack, frame_shape, seed, device_slots)
         self.tree = SumTree(self.size * num_envs, device)
         self.max_priority = torch.ones((), dtype=torch.float64, device=device)  # Dopamine starts at 1
         self.env_ids = torch.arange(num_envs, device=device)
@@ -1136,7 +1179,7 @@ def save_replay_dataset(rb, root: str, game: str) -> list:
             def frames(a, b, env=env):  # rows [a, b) of the output, zero frames for the padding
                 block = np.zeros((b - a, *rb.frames.shape[2:]), np.uint8)
                 real = source[a:b] >= 0
-                block[real] = rb.frames[torch.as_tensor(source[a:b][real], device=rb.device), env].cpu().numpy()
+                block[real] = rb.read_frames(torch.as_tensor(source[a:b][real], device=rb.device), env).cpu().numpy()
                 return block
 
             path = lambda name: dataset_file(run_dir, name, checkpoint, "replay_logs.tmp")
@@ -1533,8 +1576,9 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; the launcher requeues the job, 
 EXIT_NONFINITE = 3
 CHECKPOINT_FORMAT = 2  # 2: the lagged actor's copy; envs reseeded per segment, not per episode
 RESUMABLE_CHANGES = {"resume", "runs_dir", "total_timesteps", "checkpoint_every", "checkpoint_keep",
-                     "checkpoint_replay", "cuda", "compile", "compile_mode", "tf32", "log_every", "print_every",
-                     "metrics_every", "save_model", "save_replay", "eval_episodes", "eval_epsilon", "eval_every"}
+                     "checkpoint_replay", "cuda", "gpu_replay_fraction", "compile", "compile_mode", "tf32", "log_every",
+                     "print_every", "metrics_every", "save_model", "save_replay", "eval_episodes", "eval_epsilon",
+                     "eval_every"}
 
 
 def episode_seed(seed: int, env: int, episode: int) -> int:
@@ -1744,6 +1788,11 @@ def check_args(args: Args) -> None:
                          "alone")
     if args.tf32 and not (args.cuda and torch.cuda.is_available()):
         raise ValueError("--tf32 applies to NVIDIA GPUs and this run is on the CPU; drop --tf32")
+    if args.gpu_replay_fraction is not None and not (args.cuda and torch.cuda.is_available()):
+        raise ValueError("--gpu-replay-fraction splits the replay between a GPU and host memory and this run is on the "
+                         "CPU; drop --gpu-replay-fraction")
+    if args.gpu_replay_fraction is not None and not 0 <= args.gpu_replay_fraction <= 1:
+        raise ValueError(f"--gpu-replay-fraction must be in [0, 1], got {args.gpu_replay_fraction}")
     positive = ["num_envs", "total_timesteps", "iteration_steps", "buffer_size", "n_step", "batch_size",
                 "target_network_frequency", "num_experts", "expert_hidden", "encoder_scale", "log_every", "print_every"]
     for name in positive:
@@ -1934,7 +1983,11 @@ def build_agent(args: Args, num_actions: int, device: torch.device) -> types.Sim
     target_network.load_state_dict(q_network.state_dict())  # stays in training mode: its noise is on (Dopamine)
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
     replay = PrioritizedReplayBuffer if args.prioritized else ReplayBuffer
-    rb = replay(args.buffer_size, args.num_envs, device, args.n_step, args.gamma, seed=args.seed)
+    # SPEC §5: the whole replay on the GPU, or as much as fits
+    device_slots = (check_replay_memory(args, args.buffer_size, replay.nbytes(args.buffer_size))
+                    if device.type == "cuda" else None)
+    rb = replay(args.buffer_size, args.num_envs, device, args.n_step, args.gamma, seed=args.seed,
+                device_slots=device_slots)
     uniform_weights = torch.ones(args.batch_size, device=device)
 
     def train_step(states, actions, returns, discounts, next_states, weights):
@@ -1985,15 +2038,39 @@ def available_memory(device) -> tuple[int, str]:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "host memory is available"
 
 
-def check_replay_memory(args: Args, capacity: int, nbytes: int) -> None:
-    """Refuses a replay that would not fit where it lives (all of it on the GPU with --cuda, SPEC §5): one line now
-    instead of an out-of-memory traceback (or the kernel's OOM killer) once the run has started."""
-    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    free, where = available_memory(device)
-    if nbytes + 2**30 > free:  # a GiB left for the networks, the batches and the emulators
-        fix = "lower --buffer-size" + (" or run with --no-cuda (host memory)" if device.type == "cuda" else "")
-        raise ValueError(f"the replay of {capacity:,} transitions needs {nbytes / 1e9:.2f} GB but {free / 1e9:.1f} GB "
-                         f"of {where}; {fix}")
+def check_replay_memory(args: Args, capacity: int, nbytes: int) -> int | None:
+    """Where the replay lives (SPEC §5: on the GPU, all of it or as much as fits): the slots per env whose frames the
+    GPU keeps, `ReplayBuffer`'s device_slots (None: all of them, or no GPU). A replay that GPU and host memory cannot
+    hold (with a GiB to spare for the networks, the batches and the emulators) is refused in one line, before the run
+    starts, instead of an out-of-memory traceback (or the kernel's OOM killer) hours in."""
+    host_free, where = available_memory(torch.device("cpu"))
+    if not (args.cuda and torch.cuda.is_available()):
+        if nbytes + 2**30 > host_free:
+            raise ValueError(f"the replay of {capacity:,} transitions needs {nbytes / 1e9:.2f} GB but "
+                             f"{host_free / 1e9:.1f} GB of {where}; lower --buffer-size")
+        return None
+    gpu_free = available_memory(torch.device("cuda"))[0]
+    slots, slot_bytes = capacity // args.num_envs, args.num_envs * 84 * 84  # a slot's frames, one per env
+    rest = nbytes - slots * slot_bytes  # actions, rewards, flags (and the sum tree): always on the GPU
+    if args.gpu_replay_fraction is not None:
+        near = int(args.gpu_replay_fraction * slots)
+        if rest + near * slot_bytes + 2**30 > gpu_free:
+            raise ValueError(f"--gpu-replay-fraction {args.gpu_replay_fraction} keeps "
+                             f"{(rest + near * slot_bytes) / 1e9:.2f} GB of the replay on the GPU; with a GiB to spare "
+                             f"that exceeds the {gpu_free / 1e9:.1f} GB of GPU memory free; lower --gpu-replay-fraction")
+    elif nbytes + 2**30 <= gpu_free:
+        near = slots
+    elif rest + 2**30 > gpu_free:
+        raise ValueError(f"{gpu_free / 1e9:.1f} GB of GPU memory is free, too little for the networks and the replay's "
+                         f"{rest / 1e6:.1f} MB of actions, rewards and flags; free the GPU or run with --no-cuda")
+    else:
+        near = min((gpu_free - 2**30 - rest) // slot_bytes, slots)
+    host = (slots - near) * slot_bytes
+    if host and host + 2**30 > host_free:
+        raise ValueError(f"the replay of {capacity:,} transitions needs {nbytes / 1e9:.2f} GB: the GPU holds "
+                         f"{(nbytes - host) / 1e9:.2f} GB, and the other {host / 1e9:.2f} GB and a GiB to spare exceed "
+                         f"the {host_free / 1e9:.1f} GB of host memory available; lower --buffer-size")
+    return None if near >= slots else near
 
 
 def prepare(args: Args):
@@ -2082,6 +2159,7 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     print(f"{run_dir}: {rom}, {num_actions} actions, {sum(p.numel() for p in q_network.parameters()):,} parameters, "
           f"device {device}, replay {replay.nbytes(args.buffer_size) / 1e9:.2f} GB"
+          + (f" ({rb.host_frames.nbytes / 1e9:.2f} GB of frames in host memory)" if rb.host_frames is not None else "")
           + (", --compile: the first updates and actions compile, a minute or more" if args.compile else "")
           + (f", resumed at agent step {global_step}" if checkpoint else ""), flush=True)
     if args.resume == "auto" and checkpoint is None:

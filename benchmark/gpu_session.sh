@@ -24,6 +24,9 @@
 #   atari100k der/drq, Impala, Soft MoE x8 (the slower network), 1 env, and der with --lagged-actor: a 100k run's time
 #   profile   rainbow/der Soft MoE x8, Impala: 20 updates, acts and adds under torch.profiler (kernel launches per call),
 #             then benchmark/layers.py (padding and channels-last vs channels-first, the sum tree; in numbers.tar)
+#   split     the GPU cases of tests/test_replay.py (a replay split between GPU and host memory samples the batches of
+#             one on the GPU alone), then dqn/rainbow Soft MoE x8, 1 env, --gpu-replay-fraction 0 (every frame read
+#             from host memory: the split's largest cost; compare with envs1)
 # Each phase writes $OUT/<phase>.md (benchmark/speed.py --out, rewritten after each row); its .json numbers and its log
 # go into $OUT/numbers.tar as soon as it ends (with machine.txt, at most 8 files for all phases: the device tool brings
 # back 8); copy them to benchmark/results/speed/<gpu>-<phase>.md and commit. BUDGET (seconds, default 560: a device
@@ -37,8 +40,8 @@ phases=("$@")
 [ ${#phases[@]} -eq 0 ] && phases=(envs1 envs8 atari100k profile lagged)
 for p in "${phases[@]}"; do
   case $p in
-    envs1|lagged|envs8|compile|graphs|atari100k|profile) ;;
-    *) echo "gpu_session.sh: unknown phase '$p' (envs1, lagged, envs8, compile, graphs, atari100k, profile)"; exit 2 ;;
+    envs1|lagged|envs8|compile|graphs|atari100k|profile|split) ;;
+    *) echo "gpu_session.sh: unknown phase '$p' (envs1, lagged, envs8, compile, graphs, atari100k, profile, split)"; exit 2 ;;
   esac
 done
 OUT=${OUT:-gpu-results}
@@ -124,6 +127,9 @@ for p in "${phases[@]}"; do
       --profile 20
       bounded layers python3 benchmark/layers.py --device "$device" > "$OUT/layers.md" 2>&1; tail -n 25 "$OUT/layers.md"
       (cd "$OUT" && tar -rf numbers.tar ./layers.md && rm -f ./layers.md) ;;  # the 8 files that come back are taken
+    split)
+      gpu_tests tests/test_replay.py -k cuda
+      phase split --scripts dqn_softmoe rainbow_softmoe --moe-types softmoe --num-envs 1 --gpu-replay-fraction 0 ;;
   esac
 done
 ls -l "$OUT"

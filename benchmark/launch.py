@@ -36,10 +36,11 @@ from benchmark.registry import ROOT, SCRIPTS, BenchmarkError, Run, flag_args, lo
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL, the scripts' "checkpointed, run me again"
 # may differ between a plan and its finished run: where it writes (runs_dir), reads the data (dataset_dir) and prints
-# (print_every), how it was started (resume) and on which device (cuda), and what it saves besides its logs (save_*;
-# checkpoint_every/keep: a resumed run ends as an uninterrupted one, tests/test_long_runs.py): never scores or curves
-IGNORED_WHEN_MATCHING = {"runs_dir", "dataset_dir", "print_every", "resume", "cuda", "save_model", "save_replay",
-                         "checkpoint_every", "checkpoint_keep"}
+# (print_every), how it was started (resume), on which device (cuda) and where its replay's frames live
+# (gpu_replay_fraction), and what it saves besides its logs (save_*; checkpoint_every/keep: a resumed run ends as an
+# uninterrupted one, tests/test_long_runs.py): never scores or curves
+IGNORED_WHEN_MATCHING = {"runs_dir", "dataset_dir", "print_every", "resume", "cuda", "gpu_replay_fraction",
+                         "save_model", "save_replay", "checkpoint_every", "checkpoint_keep"}
 IDENTITY_ARGS = {"env_id", "seed", "exp_name"}  # in the run directory's name, which matched first
 NOT_COMPARED = IGNORED_WHEN_MATCHING | IDENTITY_ARGS
 

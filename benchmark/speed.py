@@ -185,7 +185,8 @@ def script_args(module, moe_type: str, opts):
     overrides = dict(env_id=opts.env_id, moe_type=moe_type, num_experts=opts.num_experts if moe_type != "baseline" else 1,
                      encoder=opts.encoder, num_envs=opts.num_envs, buffer_size=opts.buffer_size, compile=opts.compile,
                      compile_mode=getattr(opts, "compile_mode", "default"), tf32=getattr(opts, "tf32", False),
-                     lagged_actor=getattr(opts, "lagged_actor", False), cuda=opts.device == "cuda")
+                     lagged_actor=getattr(opts, "lagged_actor", False), cuda=opts.device == "cuda",
+                     gpu_replay_fraction=getattr(opts, "gpu_replay_fraction", None))
     fields = set(module.Args.__dataclass_fields__)
     return module.Args(**{k: v for k, v in overrides.items() if k in fields}), overrides
 
@@ -229,6 +230,8 @@ def measure(script: str, moe_type: str, opts) -> dict:
                 flags += ["--tf32"]
             if overrides["lagged_actor"]:
                 flags += ["--lagged-actor"]
+            if overrides["gpu_replay_fraction"] is not None:
+                flags += ["--gpu-replay-fraction", str(overrides["gpu_replay_fraction"])]
             if getattr(opts, "no_learning_loop", False):  # emulator + replay adds + the loop's own work (+ noisy acting)
                 result["no_learning_sps"] = full_loop(script, flags, 10**9, opts.loop_steps, opts.device)["sps"]
             loop = full_loop(script, flags, opts.loop_warmup, opts.loop_warmup + opts.loop_steps, opts.device)
@@ -244,7 +247,8 @@ def markdown(results: list[dict], opts, machine: str) -> str:
              f"{opts.num_envs} env(s), batch 32, compile "
              f"{getattr(opts, 'compile_mode', 'default') if opts.compile else 'off'}, "
              f"{'TF32' if getattr(opts, 'tf32', False) else 'float32'} matmuls and convolutions"
-             f"{', lagged actor' if getattr(opts, 'lagged_actor', False) else ''}.",
+             f"{', lagged actor' if getattr(opts, 'lagged_actor', False) else ''}"
+             f"{'' if getattr(opts, 'gpu_replay_fraction', None) is None else f', {opts.gpu_replay_fraction:g} of the replay on the GPU'}.",
              f"Command: `python benchmark/speed.py {' '.join(sys.argv[1:])}`", "",
              "| script | MoE | params | env only (steps/s) | no learning (steps/s) | acting (steps/s) | updates/s "
              "| learning-bound (steps/s) | both (steps/s) | peak host GB | peak GPU GB (allocated / reserved) "
@@ -340,6 +344,8 @@ def check_options(opts) -> None:
             refuse(f"--out {out}: cannot write there")
     for script in opts.scripts:  # the scripts' own checks: game names, MoE types, flag values
         module = load_script_module(script)
+        if opts.gpu_replay_fraction is not None and "gpu_replay_fraction" not in module.Args.__dataclass_fields__:
+            refuse(f"--gpu-replay-fraction applies to the online scripts' replay; {script}.py has none")
         choices = typing.get_args(typing.get_type_hints(module.Args)["moe_type"])
         bad = [m for m in opts.moe_types if m not in choices]
         if bad:
@@ -372,6 +378,8 @@ def main(argv=None) -> None:
     parser.add_argument("--tf32", action="store_true", help="measure with the scripts' --tf32 (GPU only)")
     parser.add_argument("--lagged-actor", action="store_true",
                         help="measure with the scripts' --lagged-actor (the online scripts; acting never waits for updates)")
+    parser.add_argument("--gpu-replay-fraction", type=float, default=None,
+                        help="the online scripts' --gpu-replay-fraction: the rest of the replay's frames in host memory")
     parser.add_argument("--steps", type=int, default=2000, help="agent steps timed for env-only and acting")
     parser.add_argument("--updates", type=int, default=50, help="gradient updates timed")
     parser.add_argument("--fill", type=int, default=5000, help="replay transitions of random frames for the update timing")

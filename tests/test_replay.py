@@ -252,3 +252,125 @@ def test_a_replay_that_does_not_fit_is_refused_before_anything_is_created(script
     monkeypatch.setattr(module, "available_memory", lambda device: (need, "host memory is available"))
     module.prepare(args)
     assert (tmp_path / "runs").exists()
+
+
+SPLIT_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # gpu_session.sh split runs the cuda cases
+
+
+@pytest.mark.parametrize("device", SPLIT_DEVICES)
+@pytest.mark.parametrize("script,kind", [("dqn_softmoe", "ReplayBuffer"), ("rainbow_softmoe", "PrioritizedReplayBuffer")])
+@pytest.mark.parametrize("device_slots", [0, 1, 60, 149])
+def test_a_split_replay_reads_as_one_on_the_device_alone(script, kind, device_slots, device, tmp_path):
+    """SPEC §5 "as much as fits": with `device_slots` the frames of slots [device_slots, size) live in host memory. Every
+    read (sampled batches, priorities, state_dict, a load, the dataset writer) gives what the replay on the device alone
+    gives, before and after the write cursor wraps and crosses the split."""
+    module = load_script(script)
+    make = getattr(module, kind)
+    whole, split = make(300, 2, device, n_step=3, seed=0), make(300, 2, device, n_step=3, seed=0, device_slots=device_slots)
+    assert len(split.frames) == device_slots and len(split.host_frames) == 150 - device_slots
+    assert split.host_frames.device.type == "cpu" and split.host_frames.is_pinned() == (device == "cuda")
+    rng = np.random.default_rng(device_slots)
+    for t in range(420):  # wraps at 150 slots per env
+        step = (rng.integers(0, 256, (2, 84, 84), dtype=np.uint8), rng.integers(4, size=2), rng.normal(size=2),
+                rng.random(2) < 0.05, rng.random(2) < 0.05)
+        whole.add(*step, defer=t % 2 == 0)
+        split.add(*step, defer=t % 2 == 0)
+        if t > 30 and t % 7 == 0:
+            batches = [rb.sample(16) for rb in (whole, split)]
+            for a, b in zip(*batches, strict=True):
+                assert a.device.type == device and torch.equal(a, b)
+            if kind == "PrioritizedReplayBuffer":
+                idx, envs = whole.sample_indices(16)
+                assert torch.equal(whole.importance_weights(idx, envs), split.importance_weights(*split.sample_indices(16)))
+                for rb in (whole, split):
+                    rb.update_priorities(idx, envs, torch.arange(16.0, device=device) + t)
+        if t in (100, 419):  # not yet full, then full
+            a, b = whole.state_dict(), split.state_dict()
+            assert a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+    slots = torch.arange(150, device=device)
+    for env in range(2):
+        assert torch.equal(split.read_frames(slots, env), whole.frames[:, env])
+    # a checkpoint of either kind loads into the other
+    for source, target in ((whole, make(300, 2, device, n_step=3, device_slots=device_slots)), (split, make(300, 2, device, n_step=3))):
+        target.load_state_dict(source.state_dict())
+        assert torch.equal(target.read_frames(slots[:, None], torch.arange(2, device=device)), whole.frames)
+        assert all(torch.equal(a, b) for a, b in zip(target.sample(16), source.sample(16), strict=True))
+    # the dataset writer (--save-replay) reads the frames through the split
+    written = [module.save_replay_dataset(rb, str(tmp_path / name), "Pong") for name, rb in (("whole", whole), ("split", split))]
+    for a, b in zip(*written, strict=True):
+        for name in sorted(os.listdir(os.path.join(a, "replay_logs"))):
+            with gzip.open(os.path.join(a, "replay_logs", name)) as fa, gzip.open(os.path.join(b, "replay_logs", name)) as fb:
+                assert fa.read() == fb.read(), name
+
+
+def test_a_split_replay_keeps_its_gather_eager_under_compile(dqn):
+    """--compile fuses `gather` (fullgraph); a split replay's reads go through the host, so its `gather` stays eager."""
+    whole, split = dqn.ReplayBuffer(100, 1, "cpu"), dqn.ReplayBuffer(100, 1, "cpu", device_slots=50)
+    for rb in (whole, split):
+        rb.compile()
+    assert getattr(whole.gather, "__func__", None) is not dqn.ReplayBuffer.gather  # the compiled wrapper
+    assert split.gather.__func__ is dqn.ReplayBuffer.gather
+
+
+@pytest.mark.parametrize("script", ["dqn_softmoe", "rainbow_softmoe", "der_softmoe", "drq_softmoe"])
+def test_a_replay_too_large_for_the_gpu_keeps_as_much_as_fits_there(script, monkeypatch):
+    """SPEC §5: on a GPU, the whole replay, or the frames of as many slots as fit with a GiB to spare; the rest in host
+    memory, and a refusal when even both together cannot hold it. Hand-computed for 100,000 transitions over 2 envs:
+    50,000 slots of 2 x 7,056 bytes of frames, and the other 7 bytes per transition (plus Rainbow's sum tree)."""
+    module = load_script(script)
+    gib, free = 2**30, {"cuda": 0, "cpu": 0}
+    monkeypatch.setattr(module.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(module, "available_memory", lambda device: (free[torch.device(device).type], "host memory is available"))
+    args = module.Args(buffer_size=100_000, total_timesteps=100_000, num_envs=2)
+    capacity = module.replay_slots(args) if hasattr(module, "replay_slots") else args.buffer_size
+    assert capacity == 100_000
+    replay = module.PrioritizedReplayBuffer if getattr(args, "prioritized", False) else module.ReplayBuffer
+    nbytes, slot = replay.nbytes(capacity), 2 * 84 * 84
+    rest = 700_000 + (2 * 2**17 * 8 if replay is not module.ReplayBuffer else 0)  # 7 bytes per transition (+ the tree)
+    assert nbytes == 50_000 * slot + rest
+    free["cpu"] = 10**12
+    free["cuda"] = nbytes + gib  # all of it fits
+    assert module.check_replay_memory(args, capacity, nbytes) is None
+    free["cuda"] = nbytes + gib - 1  # one byte short: all slots but one
+    assert module.check_replay_memory(args, capacity, nbytes) == 49_999
+    free["cuda"] = gib + rest + 1_000 * slot + slot - 1
+    assert module.check_replay_memory(args, capacity, nbytes) == 1_000
+    free["cuda"] = gib + rest  # the flags alone: every frame in host memory
+    assert module.check_replay_memory(args, capacity, nbytes) == 0
+    free["cuda"] = gib + rest - 1
+    with pytest.raises(ValueError, match=rf"^1\.1 GB of GPU memory is free, too little for the networks and the "
+                                         rf"replay's {rest / 1e6:.1f} MB of actions, rewards and flags; free the GPU or "
+                                         r"run with --no-cuda$"):
+        module.check_replay_memory(args, capacity, nbytes)
+    free["cuda"], free["cpu"] = gib + rest + 1_000 * slot, gib + 49_000 * slot - 1  # host memory one byte short
+    with pytest.raises(ValueError, match=r"^the replay of 100,000 transitions needs 0\.71 GB: the GPU holds 0\.0\d GB, "
+                                         r"and the other 0\.69 GB and a GiB to spare exceed the 1\.8 GB of host memory "
+                                         r"available; lower --buffer-size$"):
+        module.check_replay_memory(args, capacity, nbytes)
+    free["cpu"] += 1
+    assert module.check_replay_memory(args, capacity, nbytes) == 1_000
+    # --gpu-replay-fraction sets the GPU's share instead, and is refused where that share does not fit
+    free["cuda"], free["cpu"] = 10**12, 10**12
+    args.gpu_replay_fraction = 0.25
+    assert module.check_replay_memory(args, capacity, nbytes) == 12_500
+    args.gpu_replay_fraction = 1.0
+    assert module.check_replay_memory(args, capacity, nbytes) is None
+    free["cuda"] = gib + rest + 12_500 * slot - 1
+    args.gpu_replay_fraction = 0.25
+    with pytest.raises(ValueError, match=r"^--gpu-replay-fraction 0\.25 keeps 0\.18 GB of the replay on the GPU; with a "
+                                         r"GiB to spare that exceeds the 1\.3 GB of GPU memory free; lower "
+                                         r"--gpu-replay-fraction$"):
+        module.check_replay_memory(args, capacity, nbytes)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=rf"^--gpu-replay-fraction must be in \[0, 1\], got {bad}$"):
+            module.check_args(module.Args(gpu_replay_fraction=bad))
+
+
+@pytest.mark.parametrize("script", ["dqn_softmoe", "rainbow_softmoe", "der_softmoe", "drq_softmoe"])
+def test_gpu_replay_fraction_is_refused_on_the_cpu(script, tmp_path):
+    module = load_script(script)
+    args = module.Args(gpu_replay_fraction=0.5, cuda=False, runs_dir=str(tmp_path / "runs"))
+    with pytest.raises(ValueError, match=r"^--gpu-replay-fraction splits the replay between a GPU and host memory and "
+                                         r"this run is on the CPU; drop --gpu-replay-fraction$"):
+        module.prepare(args)
+    assert not (tmp_path / "runs").exists()

@@ -62,7 +62,7 @@ def test_gpu_session_script_checks_its_phases(tmp_path):
     assert subprocess.run(["bash", "-n", script]).returncode == 0
     result = subprocess.run(["bash", script, "envs1", "envs2"], capture_output=True, text=True, timeout=60,
                             env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out")})
-    assert result.returncode == 2 and result.stdout == "gpu_session.sh: unknown phase 'envs2' (envs1, lagged, envs8, compile, graphs, atari100k, profile)\n"
+    assert result.returncode == 2 and result.stdout == "gpu_session.sh: unknown phase 'envs2' (envs1, lagged, envs8, compile, graphs, atari100k, profile, split)\n"
     assert not (tmp_path / "out").exists()  # checked before anything is installed, measured or written
 
 
