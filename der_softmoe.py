@@ -12,8 +12,10 @@ returns, one update per step after 1,600 steps, target update every 2,000 steps;
 
 import collections
 import concurrent.futures
+import contextlib
 import copy
 import difflib
+import fcntl
 import glob
 import gzip
 import json
@@ -2101,10 +2103,10 @@ def build_agent(args: Args, num_actions: int, device: torch.device) -> types.Sim
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
     replay = PrioritizedReplayBuffer if args.prioritized else ReplayBuffer
     capacity = replay_slots(args)
-    # SPEC §5: the whole replay on the GPU, or as much as fits
-    device_slots = check_replay_memory(args, capacity, replay.nbytes(capacity)) if device.type == "cuda" else None
-    rb = replay(capacity, args.num_envs, device, args.n_step, args.gamma, seed=args.seed,
-                device_slots=device_slots)
+    with gpu_lock(device):  # SPEC §5: the whole replay on the GPU, or as much as fits
+        device_slots = check_replay_memory(args, capacity, replay.nbytes(capacity)) if device.type == "cuda" else None
+        rb = replay(capacity, args.num_envs, device, args.n_step, args.gamma, seed=args.seed,
+                    device_slots=device_slots)
     uniform_weights = torch.ones(args.batch_size, device=device)
 
     def train_step(states, actions, returns, discounts, next_states, weights):
@@ -2153,6 +2155,24 @@ def available_memory(device) -> tuple[int, str]:
             return int(next(line for line in f if line.startswith("MemAvailable:")).split()[1]) * 1024, "host memory is available"
     except (OSError, StopIteration):
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "host memory is available"
+
+
+@contextlib.contextmanager
+def gpu_lock(device):
+    """Runs sharing a GPU (benchmark/run.py --jobs, --runs-per-job) place their replays one at a time, each seeing the
+    memory the ones before it took: an exclusive lock on a file named after the GPU (none on the CPU)."""
+    if device.type != "cuda":
+        yield
+        return
+    name = str(getattr(torch.cuda.get_device_properties(device), "uuid", "") or "any")
+    try:
+        lock = open(os.path.join(tempfile.gettempdir(), f"softmoe-gpu-{name}.lock"), "a")
+    except OSError:  # another user's lock file: place without it
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        yield
 
 
 def check_replay_memory(args: Args, capacity: int, nbytes: int) -> int | None:

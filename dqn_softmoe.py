@@ -10,8 +10,10 @@ ICML 2024: the DQN curves of Figures 1, 4, 7, 9, 13 and 18, on the Dopamine prot
 
 import collections
 import concurrent.futures
+import contextlib
 import copy
 import difflib
+import fcntl
 import glob
 import gzip
 import json
@@ -1660,11 +1662,11 @@ def build_agent(args: Args, num_actions: int, device: torch.device) -> types.Sim
     target_network = QNetwork(args, num_actions).to(device, memory_format=memory_format)
     target_network.load_state_dict(q_network.state_dict())
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
-    # SPEC §5: the whole replay on the GPU, or as much as fits
-    device_slots = (check_replay_memory(args, args.buffer_size, ReplayBuffer.nbytes(args.buffer_size))
-                    if device.type == "cuda" else None)
-    rb = ReplayBuffer(args.buffer_size, args.num_envs, device, args.n_step, args.gamma, seed=args.seed,
-                      device_slots=device_slots)
+    with gpu_lock(device):  # SPEC §5: the whole replay on the GPU, or as much as fits
+        device_slots = (check_replay_memory(args, args.buffer_size, ReplayBuffer.nbytes(args.buffer_size))
+                        if device.type == "cuda" else None)
+        rb = ReplayBuffer(args.buffer_size, args.num_envs, device, args.n_step, args.gamma, seed=args.seed,
+                          device_slots=device_slots)
 
     def train_step(*batch):
         td_loss, aux_loss, q_mean = dqn_loss(q_network, target_network, batch, args.loss)
@@ -1706,6 +1708,24 @@ def available_memory(device) -> tuple[int, str]:
             return int(next(line for line in f if line.startswith("MemAvailable:")).split()[1]) * 1024, "host memory is available"
     except (OSError, StopIteration):
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "host memory is available"
+
+
+@contextlib.contextmanager
+def gpu_lock(device):
+    """Runs sharing a GPU (benchmark/run.py --jobs, --runs-per-job) place their replays one at a time, each seeing the
+    memory the ones before it took: an exclusive lock on a file named after the GPU (none on the CPU)."""
+    if device.type != "cuda":
+        yield
+        return
+    name = str(getattr(torch.cuda.get_device_properties(device), "uuid", "") or "any")
+    try:
+        lock = open(os.path.join(tempfile.gettempdir(), f"softmoe-gpu-{name}.lock"), "a")
+    except OSError:  # another user's lock file: place without it
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        yield
 
 
 def check_replay_memory(args: Args, capacity: int, nbytes: int) -> int | None:

@@ -12,8 +12,10 @@ schedule of Agarwal et al. (2021): 10-step double-Q returns, a dueling head, the
 
 import collections
 import concurrent.futures
+import contextlib
 import copy
 import difflib
+import fcntl
 import glob
 import gzip
 import json
@@ -1789,10 +1791,11 @@ def build_agent(args: Args, num_actions: int, device: torch.device) -> types.Sim
     q_network = QNetwork(args, num_actions).to(device, memory_format=memory_format)
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
     capacity = replay_slots(args)
-    # SPEC §5: the whole replay on the GPU, or as much as fits
-    device_slots = check_replay_memory(args, capacity, ReplayBuffer.nbytes(capacity)) if device.type == "cuda" else None
-    rb = ReplayBuffer(capacity, args.num_envs, device, args.n_step, args.gamma, seed=args.seed,
-                      device_slots=device_slots)
+    with gpu_lock(device):  # SPEC §5: the whole replay on the GPU, or as much as fits
+        device_slots = (check_replay_memory(args, capacity, ReplayBuffer.nbytes(capacity))
+                        if device.type == "cuda" else None)
+        rb = ReplayBuffer(capacity, args.num_envs, device, args.n_step, args.gamma, seed=args.seed,
+                          device_slots=device_slots)
 
     def train_step(*batch):
         td_loss, aux_loss, q_mean = drq_loss(q_network, batch, args)
@@ -1834,6 +1837,24 @@ def available_memory(device) -> tuple[int, str]:
             return int(next(line for line in f if line.startswith("MemAvailable:")).split()[1]) * 1024, "host memory is available"
     except (OSError, StopIteration):
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "host memory is available"
+
+
+@contextlib.contextmanager
+def gpu_lock(device):
+    """Runs sharing a GPU (benchmark/run.py --jobs, --runs-per-job) place their replays one at a time, each seeing the
+    memory the ones before it took: an exclusive lock on a file named after the GPU (none on the CPU)."""
+    if device.type != "cuda":
+        yield
+        return
+    name = str(getattr(torch.cuda.get_device_properties(device), "uuid", "") or "any")
+    try:
+        lock = open(os.path.join(tempfile.gettempdir(), f"softmoe-gpu-{name}.lock"), "a")
+    except OSError:  # another user's lock file: place without it
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        yield
 
 
 def check_replay_memory(args: Args, capacity: int, nbytes: int) -> int | None:

@@ -374,3 +374,30 @@ def test_gpu_replay_fraction_is_refused_on_the_cpu(script, tmp_path):
                                          r"this run is on the CPU; drop --gpu-replay-fraction$"):
         module.prepare(args)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("script", ["dqn_softmoe", "rainbow_softmoe", "der_softmoe", "drq_softmoe"])
+def test_runs_sharing_a_gpu_place_their_replays_one_at_a_time(script, tmp_path, monkeypatch):
+    """Runs started together on one GPU would all see the same free memory: `build_agent` measures it and allocates
+    the replay under an exclusive lock named after the GPU, so each run sees what the ones before it took."""
+    import threading
+    import types
+
+    module = load_script(script)
+    monkeypatch.setattr(module.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(module.torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(uuid="GPU-1"))
+    gpu, entered = torch.device("cuda"), threading.Event()
+
+    def second_run():
+        with module.gpu_lock(gpu):
+            entered.set()
+
+    with module.gpu_lock(gpu):
+        thread = threading.Thread(target=second_run)
+        thread.start()
+        assert not entered.wait(0.5)  # waits while the first run holds the lock
+        with module.gpu_lock(torch.device("cpu")):  # the CPU takes no lock
+            pass
+    assert entered.wait(30)
+    thread.join()
+    assert os.listdir(tmp_path) == ["softmoe-gpu-GPU-1.lock"]
