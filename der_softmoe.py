@@ -53,7 +53,7 @@ class Args:
     torch_deterministic: bool = True
     """make cuDNN deterministic (`torch.backends.cudnn.deterministic`; CPU runs are reproducible either way)"""
     cuda: bool = True
-    """use CUDA when it is available (networks, replay memory, sum tree and sampling all live on the GPU)"""
+    """use CUDA when it is available (networks, replay memory, sum tree and sampling live on the GPU; see --gpu-replay-fraction)"""
     gpu_replay_fraction: float | None = None
     """share of the replay's frames kept on the GPU, the rest in page-locked host memory (default: all of them if they fit with a GiB to spare, else as many as fit; SPEC §5)"""
     compile: bool = False
