@@ -12,7 +12,9 @@ evaluated on the Dopamine protocol after each iteration.
 
 import collections
 import concurrent.futures
+import contextlib
 import difflib
+import fcntl
 import glob
 import gzip
 import json
@@ -23,6 +25,7 @@ import re
 import resource
 import signal
 import sys
+import tempfile
 import time
 import types
 import zlib
@@ -49,7 +52,9 @@ class Args:
     torch_deterministic: bool = True
     """make cuDNN deterministic (`torch.backends.cudnn.deterministic`; CPU runs are reproducible either way)"""
     cuda: bool = True
-    """use CUDA when it is available (networks, the loaded dataset and sampling all live on the GPU)"""
+    """use CUDA when it is available (networks, the loaded dataset and sampling live on the GPU; see --gpu-replay-fraction)"""
+    gpu_replay_fraction: float | None = None
+    """share of the loaded frames kept on the GPU, the rest in page-locked host memory (default: all of them if they fit with a GiB to spare, else as many as fit; SPEC §5)"""
     compile: bool = False
     """compile the training step and the replay's batch assembly with `torch.compile` (fewer GPU kernel launches)"""
     compile_mode: Literal["default", "reduce-overhead"] = "default"
@@ -801,8 +806,8 @@ class FixedReplay(ReplayBuffer):
     """The shared replay memory filled from the dataset by `load_dataset` (one env, never written to by an agent).
     Batches are uniform over `starts`, the slots `load_dataset` allows a transition to start at."""
 
-    def __init__(self, capacity: int, device, n_step: int, gamma: float, seed: int):
-        super().__init__(capacity, 1, device, n_step, gamma, seed=seed)
+    def __init__(self, capacity: int, device, n_step: int, gamma: float, seed: int, device_slots=None):
+        super().__init__(capacity, 1, device, n_step, gamma, seed=seed, device_slots=device_slots)
         self.starts = torch.zeros(0, dtype=torch.long, device=device)
 
     def sample_indices(self, batch_size):
@@ -1151,7 +1156,7 @@ def load_dataset(rb, records: list, workers: int = 8, verified: set | None = Non
                     if a >= first + len(frames):
                         break
                     lo, hi = max(a, first), min(b, first + len(frames))
-                    rb.frames[at + lo - a: at + hi - a, 0] = frames[lo - first: hi - first].to(rb.device)
+                    rb.put_frames(at + lo - a, frames[lo - first: hi - first], env=0)  # the GPU's share first
             if path not in verified:
                 try:
                     drain_gzip(f)
@@ -1558,6 +1563,11 @@ def check_args(args: Args) -> None:
                          "alone")
     if args.tf32 and not (args.cuda and torch.cuda.is_available()):
         raise ValueError("--tf32 applies to NVIDIA GPUs and this run is on the CPU; drop --tf32")
+    if args.gpu_replay_fraction is not None and not (args.cuda and torch.cuda.is_available()):
+        raise ValueError("--gpu-replay-fraction splits the replay between a GPU and host memory and this run is on the "
+                         "CPU; drop --gpu-replay-fraction")
+    if args.gpu_replay_fraction is not None and not 0 <= args.gpu_replay_fraction <= 1:
+        raise ValueError(f"--gpu-replay-fraction must be in [0, 1], got {args.gpu_replay_fraction}")
     args = with_agent_defaults(args)
     positive = ["num_iterations", "gradient_steps_per_iteration", "n_step", "batch_size", "target_update_period",
                 "num_experts", "expert_hidden", "encoder_scale", "log_every", "print_every"]
@@ -1688,6 +1698,60 @@ def available_memory(device) -> tuple[int, str]:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "host memory is available"
 
 
+@contextlib.contextmanager
+def gpu_lock(device):
+    """Runs sharing a GPU (benchmark/run.py --jobs, --runs-per-job) place their replays one at a time, each seeing the
+    memory the ones before it took: an exclusive lock on a file named after the GPU (none on the CPU)."""
+    if device.type != "cuda":
+        yield
+        return
+    name = str(getattr(torch.cuda.get_device_properties(device), "uuid", "") or "any")
+    try:
+        lock = open(os.path.join(tempfile.gettempdir(), f"softmoe-gpu-{name}.lock"), "a")
+    except OSError:  # another user's lock file: place without it
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        yield
+
+
+def check_replay_memory(args: Args, capacity: int) -> int | None:
+    """Where the loaded data lives (SPEC §5: on the GPU, all of it or as much as fits): the slots whose frames the GPU
+    keeps, `FixedReplay`'s device_slots (None: all of them, or no GPU). Data that GPU and host memory cannot hold
+    (with a GiB to spare on each) is refused in one line, before anything is loaded."""
+    need = ReplayBuffer.nbytes(capacity) + 8 * capacity  # frames and flags, and the index of valid starts
+    rest, slot_bytes = need - capacity * 84 * 84, 84 * 84  # all but the frames stays on the GPU
+    fix = ("use --checkpoints-per-iteration 5 (5 random checkpoints per iteration, as the reference loader), a smaller "
+           "--data-fraction, or a machine with more memory")
+    host_free, where = available_memory(torch.device("cpu"))
+    if not (args.cuda and torch.cuda.is_available()):
+        if need + 2**30 > host_free:
+            raise ValueError(f"the replay of {capacity:,} transitions needs {need / 1e9:.1f} GB but "
+                             f"{host_free / 1e9:.1f} GB of {where}; {fix}")
+        return None
+    gpu_free = available_memory(torch.device("cuda"))[0]
+    if args.gpu_replay_fraction is not None:
+        near = int(args.gpu_replay_fraction * capacity)
+        if rest + near * slot_bytes + 2**30 > gpu_free:
+            raise ValueError(f"--gpu-replay-fraction {args.gpu_replay_fraction} keeps "
+                             f"{(rest + near * slot_bytes) / 1e9:.2f} GB of the replay on the GPU; with a GiB to spare "
+                             f"that exceeds the {gpu_free / 1e9:.1f} GB of GPU memory free; lower --gpu-replay-fraction")
+    elif need + 2**30 <= gpu_free:
+        near = capacity
+    elif rest + 2**30 > gpu_free:
+        raise ValueError(f"{gpu_free / 1e9:.1f} GB of GPU memory is free, too little for the networks and the replay's "
+                         f"{rest / 1e6:.1f} MB of actions, rewards, flags and start indices; free the GPU or {fix}")
+    else:
+        near = min((gpu_free - 2**30 - rest) // slot_bytes, capacity)
+    host = (capacity - near) * slot_bytes
+    if host and host + 2**30 > host_free:
+        raise ValueError(f"the replay of {capacity:,} transitions needs {need / 1e9:.1f} GB: the GPU holds "
+                         f"{(need - host) / 1e9:.1f} GB, and the other {host / 1e9:.1f} GB and a GiB to spare exceed "
+                         f"the {host_free / 1e9:.1f} GB of host memory available; {fix}")
+    return None if near >= capacity else near
+
+
 def replay_capacity(records: list, checkpoints_per_iteration: int) -> int:
     """Slots for everything loaded at once: all records, or the largest `checkpoints_per_iteration` of them."""
     rows = sorted((r["rows"] for r in records), reverse=True)
@@ -1715,7 +1779,9 @@ def build_agent(args: Args, num_actions: int, device: torch.device, capacity: in
     target_network = QNetwork(args, num_actions).to(device, memory_format=memory_format)
     target_network.load_state_dict(q_network.state_dict())
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
-    rb = FixedReplay(capacity, device, args.n_step, args.gamma, args.seed)
+    with gpu_lock(device):  # SPEC §5: the whole replay on the GPU, or as much as fits
+        device_slots = check_replay_memory(args, capacity) if device.type == "cuda" else None
+        rb = FixedReplay(capacity, device, args.n_step, args.gamma, args.seed, device_slots)
 
     def train_step(*batch):
         td_loss, cql_loss, aux_loss, q_mean = offline_losses(q_network, target_network, batch, args)
@@ -1752,7 +1818,6 @@ def prepare(args: Args):
     (or None), the dataset records and the number of actions."""
     rom = resolve_rom(args.env_id)
     check_args(args)
-    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     envs = make_env(rom, 1, "dopamine")
     num_actions = int(envs.single_action_space.n)  # a plain int: model.pt loads with weights_only=True
     envs.close()
@@ -1772,12 +1837,7 @@ def prepare(args: Args):
     if capacity < args.n_step + 5 or not any(r["rows"] >= args.n_step + 4 for r in records):
         raise DatasetError(f"{game_dir}: the selected part ({capacity} transitions of runs {list(runs)}) holds no "
                            "transition to sample (each checkpoint's part needs more than 3 + n); raise --data-fraction")
-    need = ReplayBuffer.nbytes(capacity) + 8 * capacity  # frames and flags, and the index of valid starts
-    free, where = available_memory(device)
-    if need + 2**30 > free:
-        raise ValueError(f"the replay of {capacity:,} transitions needs {need / 1e9:.1f} GB but {free / 1e9:.1f} GB of "
-                         f"{where}; use --checkpoints-per-iteration 5 (5 random checkpoints per iteration, as the "
-                         "reference loader), a smaller --data-fraction, or a machine with more memory")
+    check_replay_memory(args, capacity)
     prefix = f"{game_name(rom)}__{args.exp_name}__{args.seed}__"
     script, compared = os.path.basename(__file__), {k: v for k, v in vars(args).items() if k not in OFFLINE_RESUMABLE}
     path = find_checkpoint(args.resume, args.runs_dir, prefix, script, compared) if args.resume else None
@@ -1870,6 +1930,7 @@ def main(args: Args, rom: str, run_dir: str, checkpoint, records: list, num_acti
     print(f"{run_dir}: {rom}, {num_actions} actions, {args.agent}, {sum(p.numel() for p in q_network.parameters()):,} "
           f"parameters, device {device}; data: run(s) {', '.join(map(str, runs))}, {len(records)} checkpoint(s), "
           f"{sum(r['rows'] for r in records):,} transitions ({args.data_fraction:g} of each, {args.data_selection})"
+          + (f" ({rb.host_frames.nbytes / 1e9:.2f} GB of frames in host memory)" if rb.host_frames is not None else "")
           + (", --compile: the first updates compile, a minute or more" if args.compile else "")
           + (f", resumed at gradient step {global_step}" if checkpoint else ""), flush=True)
     if args.resume == "auto" and checkpoint is None:

@@ -1515,7 +1515,7 @@ def load_dataset(rb, records: list, workers: int = 8, verified: set | None = Non
                     if a >= first + len(frames):
                         break
                     lo, hi = max(a, first), min(b, first + len(frames))
-                    rb.frames[at + lo - a: at + hi - a, 0] = frames[lo - first: hi - first].to(rb.device)
+                    rb.put_frames(at + lo - a, frames[lo - first: hi - first], env=0)  # the GPU's share first
             if path not in verified:
                 try:
                     drain_gzip(f)

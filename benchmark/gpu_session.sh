@@ -25,8 +25,8 @@
 #   profile   rainbow/der Soft MoE x8, Impala: 20 updates, acts and adds under torch.profiler (kernel launches per call),
 #             then benchmark/layers.py (padding and channels-last vs channels-first, the sum tree; in numbers.tar)
 #   split     the GPU cases of tests/test_replay.py (a replay split between GPU and host memory samples the batches of
-#             one on the GPU alone), then dqn/rainbow Soft MoE x8, 1 env, --gpu-replay-fraction 0 (every frame read
-#             from host memory: the split's largest cost; compare with envs1)
+#             one on the GPU alone), then dqn/rainbow/cql Soft MoE x8, 1 env, --gpu-replay-fraction 0 (every frame
+#             read from host memory: the split's largest cost; compare with envs1)
 # Each phase writes $OUT/<phase>.md (benchmark/speed.py --out, rewritten after each row); its .json numbers and its log
 # go into $OUT/numbers.tar as soon as it ends (with machine.txt, at most 8 files for all phases: the device tool brings
 # back 8); copy them to benchmark/results/speed/<gpu>-<phase>.md and commit. BUDGET (seconds, default 560: a device
@@ -129,7 +129,8 @@ for p in "${phases[@]}"; do
       (cd "$OUT" && tar -rf numbers.tar ./layers.md && rm -f ./layers.md) ;;  # the 8 files that come back are taken
     split)
       gpu_tests tests/test_replay.py -k cuda
-      phase split --scripts dqn_softmoe rainbow_softmoe --moe-types softmoe --num-envs 1 --gpu-replay-fraction 0 ;;
+      phase split --scripts dqn_softmoe rainbow_softmoe cql_softmoe --moe-types softmoe --num-envs 1 \
+        --gpu-replay-fraction 0 ;;
   esac
 done
 ls -l "$OUT"

@@ -344,8 +344,6 @@ def check_options(opts) -> None:
             refuse(f"--out {out}: cannot write there")
     for script in opts.scripts:  # the scripts' own checks: game names, MoE types, flag values
         module = load_script_module(script)
-        if opts.gpu_replay_fraction is not None and "gpu_replay_fraction" not in module.Args.__dataclass_fields__:
-            refuse(f"--gpu-replay-fraction applies to the online scripts' replay; {script}.py has none")
         choices = typing.get_args(typing.get_type_hints(module.Args)["moe_type"])
         bad = [m for m in opts.moe_types if m not in choices]
         if bad:
@@ -379,7 +377,7 @@ def main(argv=None) -> None:
     parser.add_argument("--lagged-actor", action="store_true",
                         help="measure with the scripts' --lagged-actor (the online scripts; acting never waits for updates)")
     parser.add_argument("--gpu-replay-fraction", type=float, default=None,
-                        help="the online scripts' --gpu-replay-fraction: the rest of the replay's frames in host memory")
+                        help="the scripts' --gpu-replay-fraction: the rest of the replay's frames in host memory")
     parser.add_argument("--steps", type=int, default=2000, help="agent steps timed for env-only and acting")
     parser.add_argument("--updates", type=int, default=50, help="gradient updates timed")
     parser.add_argument("--fill", type=int, default=5000, help="replay transitions of random frames for the update timing")

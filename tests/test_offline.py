@@ -837,3 +837,48 @@ def test_checkpoints_per_iteration_draws_each_iteration_s_checkpoints(cql, tmp_p
     cql.main(args, *cql.prepare(args))
     expected = [[int(np.random.default_rng([3, i]).choice(2, 1)[0])] for i in range(6)]
     assert loads == expected and len({tuple(c) for c in loads}) == 2
+
+
+def test_a_split_fixed_replay_loads_and_samples_as_one_on_the_device_alone(cql, tmp_path):
+    """SPEC §5 "as much as fits" for the offline data: `load_dataset` writes through the split (pieces crossing it
+    included) and batches are the same as with all frames on the device."""
+    tiny_dataset(tmp_path / "data")
+    records = cql.scan_dataset({1: str(tmp_path / "data" / "Pong" / "1")}, (), 1.0, 6, "random", 3)
+    capacity = sum(r["rows"] for r in records)
+    whole = cql.FixedReplay(capacity, "cpu", 3, 0.9, seed=0)
+    for near in (0, 37, capacity - 1):
+        split = cql.FixedReplay(capacity, "cpu", 3, 0.9, seed=0, device_slots=near)
+        for rb in (whole, split):
+            rb.starts = cql.load_dataset(rb, records, workers=2)
+            rb.generator.manual_seed(near)
+        assert len(split.frames) == near and torch.equal(split.starts, whole.starts)
+        assert torch.equal(split.read_frames(torch.arange(capacity)[:, None], 0).squeeze(1), whole.frames[:, 0])
+        for _ in range(3):
+            assert all(torch.equal(a, b) for a, b in zip(whole.sample(16), split.sample(16), strict=True))
+
+
+def test_data_too_large_for_the_gpu_keeps_as_much_as_fits_there(cql, monkeypatch):
+    """Hand-computed for 1,000,000 transitions: 7,056 bytes of frame each, and 15 more (action, reward, 2 flags, the
+    start index) that stay on the GPU; a GiB to spare on each side."""
+    gib, free = 2**30, {"cuda": 10**12, "cpu": 10**12}
+    monkeypatch.setattr(cql.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cql, "available_memory", lambda device: (free[torch.device(device).type], "host memory is available"))
+    args, n, rest = cql.Args(), 1_000_000, 15_000_000
+    assert cql.check_replay_memory(args, n) is None
+    free["cuda"] = gib + rest + 250_000 * 7056 + 7055
+    assert cql.check_replay_memory(args, n) == 250_000
+    free["cpu"] = gib + 750_000 * 7056 - 1
+    with pytest.raises(ValueError, match=r"^the replay of 1,000,000 transitions needs 7\.1 GB: the GPU holds 1\.8 GB, "
+                                         r"and the other 5\.3 GB and a GiB to spare exceed the 6\.4 GB of host memory "
+                                         r"available; use --checkpoints-per-iteration 5 "):
+        cql.check_replay_memory(args, n)
+    free["cpu"] += 1
+    assert cql.check_replay_memory(args, n) == 250_000
+    free["cuda"] = gib + rest - 1
+    with pytest.raises(ValueError, match=r"^1\.1 GB of GPU memory is free, too little for the networks and the "
+                                         r"replay's 15\.0 MB of actions, rewards, flags and start indices; free the GPU"):
+        cql.check_replay_memory(args, n)
+    free["cuda"], free["cpu"], args.gpu_replay_fraction = 10**12, 10**12, 0.1
+    assert cql.check_replay_memory(args, n) == 100_000
+    with pytest.raises(ValueError, match=r"^--gpu-replay-fraction splits the replay between a GPU and host memory"):
+        cql.check_args(cql.with_agent_defaults(cql.Args(gpu_replay_fraction=0.5, cuda=False)))

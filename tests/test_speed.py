@@ -202,8 +202,6 @@ def test_dataset_load_benchmark_times_both_selections(tmp_path, capsys):
     (["--out", "{tmp}/t.json"], "the numbers go to the .json beside the table; give the table a .md name"),
     (["--gpu-replay-fraction", "0"], "dqn_softmoe.py refuses these settings: --gpu-replay-fraction splits the replay "
                                      "between a GPU and host memory and this run is on the CPU"),
-    (["--scripts", "cql_softmoe", "--gpu-replay-fraction", "0"],
-     "--gpu-replay-fraction applies to the online scripts' replay; cql_softmoe.py has none"),
 ])
 def test_bad_options_are_one_line_before_anything_is_measured(tmp_path, monkeypatch, flags, message):
     """Each refusal comes at start-up (nothing measured, nothing written), as one line naming the flag."""
