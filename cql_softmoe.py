@@ -1687,6 +1687,7 @@ def evaluate(model, rom, episodes, epsilon, device, seed, stop=None):
     return scores.tolist() if finished.all() else None
 
 
+# === shared: gpu_memory ===
 def available_memory(device) -> tuple[int, str]:
     """Bytes free for the replay on `device`, and where."""
     if device.type == "cuda":
@@ -1714,6 +1715,7 @@ def gpu_lock(device):
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
         yield
+# === end shared ===
 
 
 def check_replay_memory(args: Args, capacity: int) -> int | None:

@@ -1828,6 +1828,7 @@ def build_agent(args: Args, num_actions: int, device: torch.device) -> types.Sim
                                  act=act)
 
 
+# === shared: gpu_memory ===
 def available_memory(device) -> tuple[int, str]:
     """Bytes free for the replay on `device`, and where."""
     if device.type == "cuda":
@@ -1855,8 +1856,10 @@ def gpu_lock(device):
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
         yield
+# === end shared ===
 
 
+# === shared: check_replay_memory ===
 def check_replay_memory(args: Args, capacity: int, nbytes: int) -> int | None:
     """Where the replay lives (SPEC §5: on the GPU, all of it or as much as fits): the slots per env whose frames the
     GPU keeps, `ReplayBuffer`'s device_slots (None: all of them, or no GPU). A replay that GPU and host memory cannot
@@ -1890,6 +1893,7 @@ def check_replay_memory(args: Args, capacity: int, nbytes: int) -> int | None:
                          f"{(nbytes - host) / 1e9:.2f} GB, and the other {host / 1e9:.2f} GB and a GiB to spare exceed "
                          f"the {host_free / 1e9:.1f} GB of host memory available; lower --buffer-size")
     return None if near >= slots else near
+# === end shared ===
 
 
 def prepare(args: Args):
