@@ -201,7 +201,7 @@ def make_env(rom: str, num_envs: int, protocol: str, max_episode_frames: int = 1
         rom,
         num_envs,
         repeat_action_probability=0.0 if atari100k else 0.25,  # sticky actions (Machado et al. 2018)
-        noop_max=30 if atari100k else 0,
+        noop_max=0,  # ale-py's no-ops are single frames; the Atari 100k loops play Dopamine's agent steps (NoopStarts)
         use_fire_reset=False,
         reward_clipping=False,  # logged returns are game scores; the learner clips
         episodic_life=False,  # True would restart the whole game at every life loss
@@ -282,6 +282,37 @@ class LifeLoss:
 
     def load_state_dict(self, state: dict) -> None:
         self.lives, self.frames = state["lives"].numpy().copy(), state["frames"].numpy().copy()
+
+
+NOOP_MAX = 30  # Dopamine's DataEfficientAtariRunner: max_noops
+
+
+class NoopStarts:
+    """Atari 100k no-op starts (SPEC §1) as Dopamine's runner plays them: after its reset a game first plays
+    k ~ U{0, ..., 29} NOOP agent steps of 4 max-pooled frames (ale-py's own `noop_max` counts single frames: a quarter
+    of that span). They are no agent steps: not counted, not in the game's return or length, never learned from (their
+    replay slots are final-observation slots), and the game's first acting stack holds its first frame after them."""
+
+    def __init__(self, num_envs: int, noop_max: int = NOOP_MAX):
+        self.left = np.zeros(num_envs, dtype=np.int64)  # no-op steps each env plays before the agent acts
+        self.noop_max = noop_max
+        self.slots = 0  # replay slots written at no-op steps: they do not count towards --learning-starts
+
+    def start(self, games: np.ndarray, rng: np.random.Generator) -> None:
+        """The envs of mask `games` begin a game (their reset is done): draw how many no-ops each plays first."""
+        self.left[games] = rng.integers(0, self.noop_max, size=int(np.sum(games)))
+
+    def step(self) -> np.ndarray:
+        """Before a vector step: the mask of envs that play a no-op in it (action 0, NOOP in every minimal set)."""
+        nooping = self.left > 0
+        self.left -= nooping
+        return nooping
+
+    def state_dict(self) -> dict:
+        return {"left": torch.as_tensor(self.left), "slots": self.slots}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.left, self.slots = state["left"].numpy().copy(), int(state["slots"])
 # === end shared ===
 
 
@@ -1649,7 +1680,7 @@ def peak_memory(device: torch.device) -> dict:
 # === shared: checkpoint ===
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; the launcher requeues the job, which continues with --resume auto
 EXIT_NONFINITE = 3
-CHECKPOINT_FORMAT = 2  # 2: the lagged actor's copy; envs reseeded per segment, not per episode
+CHECKPOINT_FORMAT = 3  # 2: the lagged actor's copy, envs reseeded per segment; 3: Atari 100k no-op starts in agent steps
 RESUMABLE_CHANGES = {"resume", "runs_dir", "total_timesteps", "checkpoint_every", "checkpoint_keep",
                      "checkpoint_replay", "cuda", "gpu_replay_fraction", "compile", "compile_mode", "tf32", "log_every",
                      "print_every", "metrics_every", "save_model", "save_replay", "eval_episodes", "eval_epsilon",
@@ -1942,7 +1973,9 @@ def replay_slots(args: Args) -> int:
     """Replay capacity to allocate, in transitions: an env writes one slot per agent step and one per reset step, and
     each reset follows an episode of at least one played step, so a run never writes more than 2 x --total-timesteps
     slots: a 100k run holds 1.41 GB instead of the 7.06 GB of 1M slots. Three spare slots per env keep the oldest stack
-    from ever counting as overwritten, so sampling is exactly that of the 1M replay, which never wraps either."""
+    from ever counting as overwritten, so sampling is exactly that of the 1M replay, which never wraps either. No-op
+    steps write no slot with one env; with several, one each while another env plays, within the bound as long as
+    games last 30 agent steps or more (2 s of play)."""
     return min(args.buffer_size // args.num_envs, 2 * -(-args.total_timesteps // args.num_envs) + 3) * args.num_envs
 
 
@@ -2055,30 +2088,34 @@ def rainbow_loss(q_network, target_network, batch, args, weights):
 # === shared: evaluate ===
 def evaluate(model, rom: str, episodes: int, epsilon: float, device, seed: int, stop=None) -> tuple[list, list] | None:
     """Atari 100k evaluation (SPEC §4): `episodes` games at once in one vector env of their own on the atari100k
-    protocol, each played to its first game over or truncation; a life loss ends nothing but restarts the acting
-    stack, as in training. Epsilon-greedy on `model.q_values` in eval mode (noisy nets off); the training's torch RNG
-    is left as it was. Returns each game's score and length in agent steps, or None when `stop` (a StopRequest) got
-    a signal first: the games are abandoned so that the run can checkpoint within Slurm's grace time."""
+    protocol, each played from its no-op start (`NoopStarts`) to its first game over or truncation; a life loss ends
+    nothing but restarts the acting stack, as in training. Epsilon-greedy on `model.q_values` in eval mode (noisy nets
+    off); the training's torch RNG is left as it was. Returns each game's score and length in agent steps, or None
+    when `stop` (a StopRequest) got a signal first: the games are abandoned so that the run can checkpoint within
+    Slurm's grace time."""
     envs = make_env(rom, episodes, "atari100k")
     obs, info = envs.reset(seed=np.array([episode_seed(seed, e, 0) for e in range(episodes)], dtype=np.int64))
-    lives, rng = LifeLoss(info["lives"]), np.random.default_rng(seed)
+    lives, rng, noops = LifeLoss(info["lives"]), np.random.default_rng(seed), NoopStarts(episodes)
+    noops.start(np.ones(episodes, dtype=bool), rng)
     scores, lengths = np.zeros(episodes), np.zeros(episodes, dtype=np.int64)
-    finished, not_reset = np.zeros(episodes, dtype=bool), np.zeros(episodes, dtype=bool)
+    finished = np.zeros(episodes, dtype=bool)
     model.eval()
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         while not finished.all() and not (stop is not None and stop.signal):
-            playing = ~finished
+            nooping = noops.step()  # a game that ends in its no-ops (ale-py resets it) goes on with the next one
+            playing = ~finished & ~nooping
             actions = rng.integers(envs.single_action_space.n, size=episodes)
-            with torch.no_grad():  # only the games still playing need the network
-                q = model.q_values(torch.as_tensor(lives.acting(obs)[playing], device=device))
             greedy = np.zeros(episodes, dtype=np.int64)
-            greedy[playing] = q.argmax(1).cpu().numpy()
-            actions = np.where(rng.random(episodes) < epsilon, actions, greedy)
+            if playing.any():  # only the games playing an agent step need the network
+                with torch.no_grad():
+                    q = model.q_values(torch.as_tensor(lives.acting(obs)[playing], device=device))
+                greedy[playing] = q.argmax(1).cpu().numpy()
+            actions = np.where(nooping, 0, np.where(rng.random(episodes) < epsilon, actions, greedy))
             obs, rewards, terminations, truncations, info = envs.step(actions)
-            lives.step(info["lives"], terminations, not_reset)
+            lives.step(info["lives"], terminations, nooping)
             scores += rewards * playing
             lengths += playing
-            finished |= terminations | truncations
+            finished |= (terminations | truncations) & playing
     model.train()
     envs.close()
     return (scores.tolist(), lengths.tolist()) if finished.all() else None
@@ -2267,7 +2304,7 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
     rng = np.random.default_rng(args.seed)
 
     envs = make_env(rom, args.num_envs, "atari100k")
-    tracker = EnvTracker(args.seed, args.num_envs)
+    tracker, noops = EnvTracker(args.seed, args.num_envs), NoopStarts(args.num_envs)
     num_actions = int(envs.single_action_space.n)  # a plain int: model.pt loads with weights_only=True
     capacity = replay_slots(args)  # a resume with another --total-timesteps loads the saved replay into this size
     agent = build_agent(args, num_actions, device)
@@ -2281,6 +2318,7 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
     if checkpoint is None:
         obs, info = envs.reset(seed=tracker.seeds())
         lives = LifeLoss(info["lives"])
+        noops.start(np.ones(args.num_envs, dtype=bool), rng)
     else:  # continue exactly where the checkpoint left off
         q_network.load_state_dict(checkpoint["q_network"])
         agent.act.load_state_dict(checkpoint["actor"])
@@ -2295,6 +2333,7 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
         pending_evaluation = loop.get("pending_evaluation", False)
         lives = LifeLoss(np.zeros(args.num_envs))
         lives.load_state_dict(loop["lives"])
+        noops.load_state_dict(loop["noops"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if device.type == "cuda" and checkpoint["rng"]["cuda"]:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"][0], device)
@@ -2323,7 +2362,7 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
                     "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []},
             "loop": {"update_credit": update_credit, "iteration_returns": list(iteration_returns),
                      "episode_return": torch.as_tensor(episode_return), "episode_length": torch.as_tensor(episode_length),
-                     "was_done": torch.as_tensor(was_done), "lives": lives.state_dict(),
+                     "was_done": torch.as_tensor(was_done), "lives": lives.state_dict(), "noops": noops.state_dict(),
                      "evaluations": list(evaluations), "pending_evaluation": pending_evaluation},
         }
 
@@ -2389,16 +2428,21 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
         if epsilon < 1.0:
             greedy = agent.act(lives.acting(obs))
             actions = np.where(rng.random(args.num_envs) < epsilon, actions, greedy)
+        nooping = noops.step()  # a game's first 0-29 steps are NOOPs (Dopamine's runner)
+        actions = np.where(nooping, 0, actions)
         tracker.send(envs, actions)  # the emulators step in ale-py's threads while the learner updates below
-        # an env's reset step (its game ended last step: ale-py ignores the action and plays no frame) is no agent step
-        stepped = args.num_envs - int(was_done.sum())
+        # no agent steps: an env's reset step (its game ended last step: ale-py ignores the action and plays no
+        # frame) and its no-op steps
+        skipped = was_done | nooping
+        stepped = args.num_envs - int(skipped.sum())
         previous_step, global_step = global_step, global_step + stepped  # everything below is logged at this step
         rb.flush()  # the previous step's slot is written now, while the emulators step (see `rb.add` below)
 
         # learn: `replay_ratio` gradient updates per agent step once the replay holds `learning_starts` slots (the
         # transition in flight joins the replay after them: a one-step lag that lets learning overlap acting; a
-        # reset step's slot counts, as Dopamine's add_count counts the 3 padding rows it writes after each terminal)
-        if rb.t * args.num_envs > args.learning_starts and rb.can_sample():
+        # reset step's slot counts, a no-op step's not; Dopamine's add_count counts 3 padding rows per terminal, here each
+        # life lost too, so its warm-up ends a little sooner)
+        if rb.t * args.num_envs - noops.slots > args.learning_starts and rb.can_sample():
             update_credit += args.replay_ratio * stepped
             if update_credit >= 1.0:
                 agent.act.refresh()  # --lagged-actor: the actor keeps the parameters from before this round
@@ -2411,18 +2455,23 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
                 target_network.load_state_dict(q_network.state_dict())
 
         next_obs, rewards, terminations, truncations, info = envs.recv()
-        terminals = lives.step(info["lives"], terminations, was_done)  # game over or life lost: stop bootstrapping
+        terminals = lives.step(info["lives"], terminations, skipped)  # game over or life lost: stop bootstrapping
         done = terminations | truncations  # only a game over (or the frame cap) ends the episode
-        # store one frame per env; at a reset step that frame is the final observation of the ended episode
-        rb.add(obs[:, -1], actions, rewards, terminals, was_done, defer=True)  # off the path from recv to send
-        episode_return += rewards
-        episode_length += ~was_done
-        finished = episode_return[done].tolist()
-        for i in np.flatnonzero(done):  # the whole game's score, all lives
+        # store one frame per env; at a reset step that frame is the final observation of the ended episode, at a
+        # no-op step one no transition uses (`last` too); a step of no-ops only is not stored (one env: no no-op slots)
+        if not nooping.all():
+            rb.add(obs[:, -1], actions, rewards, terminals, skipped, defer=True)  # off the path from recv to send
+            noops.slots += int(nooping.sum())
+        episode_return += rewards * ~nooping
+        episode_length += ~skipped
+        ended = done & ~nooping  # a game over during the no-ops is no episode: ale-py resets the game, no-ops again
+        finished = episode_return[ended].tolist()
+        for i in np.flatnonzero(ended):  # the whole game's score, all lives
             writer.add_scalar("charts/episodic_return", episode_return[i], global_step)
             writer.add_scalar("charts/episodic_length", episode_length[i], global_step)
         episode_return[done], episode_length[done] = 0.0, 0
         iteration_returns += finished
+        noops.start(was_done, rng)  # the envs whose reset step this was begin a game, with its no-ops
         obs, was_done = tracker.reset_ended(envs, was_done, next_obs), done
 
         # log

@@ -183,7 +183,7 @@ def make_env(rom: str, num_envs: int, protocol: str, max_episode_frames: int = 1
         rom,
         num_envs,
         repeat_action_probability=0.0 if atari100k else 0.25,  # sticky actions (Machado et al. 2018)
-        noop_max=30 if atari100k else 0,
+        noop_max=0,  # ale-py's no-ops are single frames; the Atari 100k loops play Dopamine's agent steps (NoopStarts)
         use_fire_reset=False,
         reward_clipping=False,  # logged returns are game scores; the learner clips
         episodic_life=False,  # True would restart the whole game at every life loss
@@ -1320,7 +1320,7 @@ def peak_memory(device: torch.device) -> dict:
 # === shared: checkpoint ===
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; the launcher requeues the job, which continues with --resume auto
 EXIT_NONFINITE = 3
-CHECKPOINT_FORMAT = 2  # 2: the lagged actor's copy; envs reseeded per segment, not per episode
+CHECKPOINT_FORMAT = 3  # 2: the lagged actor's copy, envs reseeded per segment; 3: Atari 100k no-op starts in agent steps
 RESUMABLE_CHANGES = {"resume", "runs_dir", "total_timesteps", "checkpoint_every", "checkpoint_keep",
                      "checkpoint_replay", "cuda", "gpu_replay_fraction", "compile", "compile_mode", "tf32", "log_every",
                      "print_every", "metrics_every", "save_model", "save_replay", "eval_episodes", "eval_epsilon",

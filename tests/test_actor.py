@@ -183,8 +183,14 @@ def test_the_loop_refreshes_the_lagged_actor_before_each_round(script, tmp_path,
     # SPEC §1: DQN and Rainbow train on the Dopamine protocol, the Atari 100k agents on theirs
     assert protocols[0] == ("atari100k" if script in ("der_softmoe", "drq_softmoe") else "dopamine")
     steps = "".join(io).split("s")
-    assert steps[0] == "" and steps[1] == "r" and len(steps) == args.total_timesteps // args.num_envs + 1  # nothing held yet
-    assert all(re.fullmatch("wu*t?r", step) for step in steps[2:]), steps  # a sync after its step's updates
+    assert steps[0] == "" and steps[1] == "r"  # nothing held yet
+    if protocols[0] == "dopamine":
+        assert len(steps) == args.total_timesteps // args.num_envs + 1
+        assert all(re.fullmatch("wu*t?r", step) for step in steps[2:]), steps  # a sync after its step's updates
+    else:  # Atari 100k: no-op steps are no agent steps, and a step of no-ops only (here the first few) is not stored
+        assert len(steps) > args.total_timesteps // args.num_envs + 1
+        assert all(re.fullmatch("w?u*t?r", step) for step in steps[2:]), steps
+        assert 0 < sum(step[0] != "w" for step in steps[2:]) < 30
     assert "".join(steps).count("t") == (0 if script == "drq_softmoe" else 2)
     assert sum(step.count("u") for step in steps) >= 20
     kinds = [kind for kind, _ in events]

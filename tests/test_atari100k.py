@@ -67,13 +67,21 @@ def test_defaults_are_the_papers(der, drq):
     assert not hasattr(drq.Args(), "target_network_frequency")  # DrQ(ε) has no target network
 
 
-def test_atari100k_protocol_starts_with_up_to_30_noops(drq):
-    """Seeded resets start after a random number of no-ops (at most 30 agent steps of 4 frames), unlike Dopamine's."""
-    envs = drq.make_env("pong", 16, "atari100k")
-    _, info = envs.reset(seed=np.arange(16))
-    envs.close()
-    frames = info["episode_frame_number"]
-    assert frames.max() <= 30 * 4 and len(set(frames.tolist())) >= 8
+@pytest.mark.parametrize("script", AGENTS)
+def test_noop_starts_draw_0_to_29_agent_steps_per_game(script):
+    """Dopamine's runner: randint(0, 30) no-ops per game, drawn when the game begins; `step` marks the envs playing
+    one in the coming vector step and counts down."""
+    module = load_script(script)
+    noops, rng = module.NoopStarts(30_000), np.random.default_rng(0)
+    noops.start(np.ones(30_000, dtype=bool), rng)
+    counts = np.bincount(noops.left)
+    assert len(counts) == 30 and counts.min() > 800  # each of 0..29 about 1,000 times, nothing above
+    left = noops.left.copy()
+    for k in range(30):
+        assert np.array_equal(noops.step(), left > k)
+    assert not noops.left.any() and not noops.step().any()
+    noops.start(np.arange(30_000) < 5, rng)  # only the games beginning now draw
+    assert noops.left[:5].any() and not noops.left[5:].any()
 
 
 def test_der_acts_on_the_mean_of_its_return_distributions(der):
@@ -87,27 +95,43 @@ def test_der_acts_on_the_mean_of_its_return_distributions(der):
 
 
 def play(module, rom, steps, num_envs=2, seed=3):
-    """Random play on the atari100k protocol, wired exactly as the scripts' training loop: EnvTracker, LifeLoss and the
-    replay (n = 10), in main()'s order. Returns the replay and, per step, what the loop saw."""
+    """Random play on the atari100k protocol, wired exactly as the scripts' training loop: EnvTracker, LifeLoss,
+    NoopStarts and the replay (n = 10), in main()'s order. Returns the replay and, per vector step, what the loop saw
+    (`slot`: where the step was stored, None for a step of no-ops only)."""
     envs = module.make_env(rom, num_envs, "atari100k")
-    tracker = module.EnvTracker(seed, num_envs)
+    tracker, noops = module.EnvTracker(seed, num_envs), module.NoopStarts(num_envs)
     rb = module.ReplayBuffer(10_000, num_envs, "cpu", n_step=N_STEP, gamma=GAMMA, seed=0)
     obs, info = envs.reset(seed=tracker.seeds())
     lives = module.LifeLoss(info["lives"])
     rng, was_done, log = np.random.default_rng(seed), np.zeros(num_envs, dtype=bool), []
+    noops.start(np.ones(num_envs, dtype=bool), rng)
     for _ in range(steps):
         acting = lives.acting(obs)
         actions = rng.integers(envs.single_action_space.n, size=num_envs)
+        nooping = noops.step()
+        actions = np.where(nooping, 0, actions)
+        skipped = was_done | nooping
         tracker.send(envs, actions)
         next_obs, rewards, terminations, truncations, info = envs.recv()
-        terminals = lives.step(info["lives"], terminations, was_done)
-        rb.add(obs[:, -1], actions, rewards, terminals, was_done)
-        log.append({"raw": obs.copy(), "acting": acting, "rewards": rewards, "terminal": terminals,
+        terminals = lives.step(info["lives"], terminations, skipped)
+        slot = None
+        if not nooping.all():
+            slot = rb.t
+            rb.add(obs[:, -1], actions, rewards, terminals, skipped)
+        log.append({"raw": obs.copy(), "acting": acting, "rewards": rewards, "terminal": terminals, "slot": slot,
                     "terminated": terminations, "lives": info["lives"].copy(), "was_done": was_done.copy(),
-                    "frame": info["episode_frame_number"].copy()})
+                    "nooping": nooping, "last": skipped, "actions": actions, "frame": info["episode_frame_number"].copy()})
+        noops.start(was_done, rng)
         obs, was_done = tracker.reset_ended(envs, was_done, next_obs), terminations | truncations
     envs.close()
     return rb, log
+
+
+def stored(log):
+    """The steps the replay holds, in slot order."""
+    kept = [step for step in log if step["slot"] is not None]
+    assert [step["slot"] for step in kept] == list(range(len(kept)))
+    return kept
 
 
 @pytest.fixture(scope="module")
@@ -122,10 +146,14 @@ def test_life_loss_is_terminal_for_learning_while_the_game_goes_on(breakout):
     life_losses, games, later_lives_scored = 0, 0, False
     for e in range(2):
         lives, frame, game_return, first_life_return = 5, 0, 0.0, None
-        for t, step in enumerate(log):
+        for step in stored(log):
+            t = step["slot"]
             if step["was_done"][e]:  # the reset step: its lives and frames are the next game's
                 assert not step["terminal"][e] and step["lives"][e] == 5
                 lives, frame, game_return, first_life_return = 5, 0, 0.0, None
+                continue
+            if step["nooping"][e]:  # the game's no-op start: nothing is lost or scored yet
+                assert step["lives"][e] == 5 and step["rewards"][e] == 0 and rb.last[t, e]
                 continue
             game_return += step["rewards"][e]
             lost = step["lives"][e] < lives
@@ -143,10 +171,37 @@ def test_life_loss_is_terminal_for_learning_while_the_game_goes_on(breakout):
     assert games >= 3 and life_losses >= 4 * games and later_lives_scored
 
 
+def test_games_begin_after_0_to_29_noop_agent_steps(breakout):
+    """Every game, the first and each after a reset step, plays k < 30 NOOP agent steps of 4 frames (Dopamine's
+    runner; ale-py's own no-ops would be single frames) before the agent's first step, which acts on the frame after
+    them alone. The no-op steps are stored as final-observation slots (no transition starts there), or not at all
+    when both envs play one."""
+    rb, log = breakout
+    starts = []
+    for e in range(2):
+        k = 0  # no-op steps since the game began (the reset, or a reset step); None once the agent has acted
+        for step in log:
+            if step["was_done"][e]:
+                k = 0
+            elif step["nooping"][e]:
+                assert k is not None and step["actions"][e] == 0
+                assert step["slot"] is None or rb.last[step["slot"], e]
+                k += 1
+                assert step["frame"][e] == 4 * k  # agent steps of 4 frames since the game's first frame
+            elif k is not None:  # the game's first agent step
+                assert step["frame"][e] == 4 * (k + 1) and not step["acting"][e, :3].any() and step["acting"][e, 3].any()
+                assert step["slot"] == 0 or rb.last[step["slot"] - 1, e]  # the replay's stack starts here too
+                starts.append(k)
+                k = None
+    assert len(starts) >= 6 and max(starts) < 30 and len(set(starts)) >= 4
+    assert any(step["slot"] is None for step in log) and any(s["nooping"].any() and s["slot"] is not None for s in log)
+
+
 def test_acting_stacks_equal_the_replays_across_life_losses(breakout):
     """What the network acts on, at every step of both envs, is the stack the replay rebuilds for that slot: frames of
     an earlier life (or game) are zero in both, as Dopamine restarts the agent's stack at each life."""
     rb, log = breakout
+    log = stored(log)
     acting = torch.as_tensor(np.stack([step["acting"] for step in log]))  # (T, N, 4, 84, 84)
     slots = torch.arange(len(log))
     for e in range(2):
@@ -176,28 +231,111 @@ def test_the_training_loop_acts_on_the_replays_stacks(script, tmp_path, monkeypa
 
     monkeypatch.setattr(module, "make_env", recorded_make_env)
     monkeypatch.setattr(module, "build_agent", lambda *args: agents.append(build(*args)) or agents[-1])
-    monkeypatch.setattr(module.Actor, "__call__", lambda actor, obs: seen.append((len(recvs) - 1, obs.copy()))
-                        or act(actor, obs))
+    # each call: the vector steps received so far, and the slot the acted-on observation goes to (the previous
+    # step's slot is written after the call); a step of no-ops only writes none, the next call has its slot
+    monkeypatch.setattr(module.Actor, "__call__", lambda actor, obs: seen.append(
+        (len(recvs) - 1, agents[0].rb.t + (agents[0].rb.deferred is not None), obs.copy())) or act(actor, obs))
     args = module.Args(encoder="nature", num_experts=2, expert_hidden=16, batch_size=8, buffer_size=2000, num_envs=2,
                        env_id="Breakout", learning_starts=20, total_timesteps=300, replay_ratio=0.25,
                        runs_dir=str(tmp_path), metrics_every=0, eval_episodes=0, print_every=10**6, cuda=False)
     module.main(args, *module.prepare(args)[:2])
     rb = agents[0].rb
     rb.flush()
-    assert len(seen) > 100 and seen[-1][0] < rb.t  # acting from step ~10 to the last, every slot written
+    by_slot = {slot: (step, obs) for step, slot, obs in seen}  # the last call per slot is the one stored there
+    assert len(by_slot) > 100 and max(by_slot) < rb.t  # acting from step ~10 to the last, every slot written
     after_loss = 0
-    for step, obs in seen:  # step: the vector steps received before this call; its observation is in that slot
-        slots = torch.full((2,), step)
+    for slot, (step, obs) in by_slot.items():
+        slots = torch.full((2,), slot)
         torch.testing.assert_close(rb.stack_frames(slots, torch.arange(2)), torch.as_tensor(obs), rtol=0, atol=0)
         raw = recvs[step][0] if step else None
         after_loss += sum(raw is not None and raw[e, :3].any() and not obs[e, :3].any() for e in range(2))
     assert after_loss >= 2  # the zeroing was exercised: the env's own stack held the previous life's frames
 
 
+@pytest.mark.parametrize("script", AGENTS)
+def test_the_training_loop_plays_noop_starts_outside_the_agent_steps(script, tmp_path, monkeypatch):
+    """A real loop of each script (Breakout, 2 envs): every game opens with k < 30 NOOP agent steps, varying from game
+    to game, that count nowhere. Its frames are 4 x (k + logged length) at its game over, its logged return is the
+    score after them, the run's agent steps are the vector steps minus reset and no-op steps. Their replay slots do not
+    count towards --learning-starts, and a step in which both envs play a no-op writes no slot."""
+    module = load_script(script)
+    stream, agents, noop_starts, first_update, acted = [], [], [], [], {}
+    make_env, build, noop_class, act = module.make_env, module.build_agent, module.NoopStarts, module.Actor.__call__
+
+    def recorded_make_env(*args, **kwargs):  # the training envs: what each step was sent and returned
+        envs = make_env(*args, **kwargs)
+        send, recv = envs.send, envs.recv
+
+        def recorded_recv():
+            obs, *returned = recv()
+            stream[-1].update(zip(["rewards", "terminated", "truncated", "info"], returned))
+            return obs, *returned
+
+        envs.send = lambda actions: stream.append({"actions": np.array(actions)}) or send(actions)
+        envs.recv = recorded_recv
+        return envs
+
+    def recorded_build(*args):
+        agent = build(*args)
+        update = agent.update
+        agent.update = lambda: first_update.append((agent.rb.t, noop_starts[0].slots)) or update()
+        return agents.append(agent) or agent
+
+    class RecordedNoopStarts(noop_class):
+        def __init__(self, *args):
+            super().__init__(*args)
+            noop_starts.append(self)
+
+    monkeypatch.setattr(module, "make_env", recorded_make_env)
+    monkeypatch.setattr(module, "build_agent", recorded_build)
+    monkeypatch.setattr(module, "NoopStarts", RecordedNoopStarts)
+    monkeypatch.setattr(module.Actor, "__call__", lambda actor, obs: acted.update({len(stream): obs.copy()})
+                        or act(actor, obs))  # keyed by the vector step it acts for
+    args = module.Args(encoder="nature", num_experts=2, expert_hidden=16, batch_size=8, buffer_size=4000, num_envs=2,
+                       env_id="Breakout", learning_starts=500, total_timesteps=1200, replay_ratio=0.5,
+                       runs_dir=str(tmp_path), metrics_every=0, eval_episodes=0, print_every=10**6, cuda=False)
+    rom, run_dir = module.prepare(args)[:2]
+    module.main(args, rom, run_dir)
+    scalars = read_scalars(run_dir)
+    logged = list(zip([int(v) for _, v in scalars["charts/episodic_length"]],
+                      [v for _, v in scalars["charts/episodic_return"]]))
+    games, resets = [], 0  # games: (vector step of its game over, env, its steps)
+    for e in range(2):
+        game = []  # this env's steps since its game began; None: the next step is the reset step
+        for i, step in enumerate(stream):
+            if game is None:
+                resets, game = resets + 1, []
+                continue
+            game.append(step)
+            if step["terminated"][e] or step["truncated"][e]:
+                games.append((i, e, game))
+                game = None
+    noops, first_acts = [], 0
+    for (_, e, game), (length, score) in zip(sorted(games, key=lambda g: g[:2]), logged):  # in the order logged
+        # agent steps of 4 frames (ale-py cuts the game-over step short): beyond the logged length, the no-ops
+        k = -(-game[-1]["info"]["episode_frame_number"][e] // 4) - length
+        assert 0 <= k < 30 and len(game) == k + length
+        assert all(step["actions"][e] == 0 for step in game[:k])
+        assert score == sum(step["rewards"][e] for step in game[k:])
+        noops.append(k)
+        first = next(i for i, step in enumerate(stream) if step is game[k])
+        if first in acted and k > 0:  # the game's first agent step acts on the frame after the no-ops alone
+            assert not acted[first][e, :3].any() and acted[first][e, 3].any()
+            first_acts += 1
+    assert len(noops) == len(logged) >= 4 and len(set(noops)) >= 3 and first_acts >= 1
+    rb, written_noops = agents[0].rb, noop_starts[0].slots
+    assert rb.t < len(stream) and written_noops > 0  # a step of no-ops only is not stored, the others are
+    t, slots = first_update[0]
+    assert slots > 10 and args.learning_starts < 2 * t - slots <= args.learning_starts + 2  # no-op slots not counted
+    global_step = json.load(open(os.path.join(run_dir, "summary.json")))["global_step"]
+    assert global_step in (1200, 1201) and global_step <= 2 * len(stream) - resets - sum(noops)  # unfinished games' no-ops
+
+
 def test_n_step_returns_stop_at_a_life_loss(breakout):
     rb, log = breakout
+    log = stored(log)
     terminal = np.stack([step["terminal"] for step in log])
-    last = np.stack([step["was_done"] for step in log])
+    last = np.stack([step["last"] for step in log])
     rewards = np.clip(np.stack([step["rewards"] for step in log]), -1, 1)
     idx, envs, want = [], [], []
     for e in range(2):
@@ -353,27 +491,38 @@ class RandomPolicy(torch.nn.Module):
 
 
 def test_evaluation_plays_its_games_to_game_over(drq):
-    """32 Breakout games at once in one vector env (the default is 100: the same code, 3x the CI time); each runs to
-    its game over (a life loss ends nothing), as an independent replay of three games with the same seeds and actions
-    shows. The training's RNG is left alone."""
+    """32 Breakout games at once in one vector env (the default is 100: the same code, 3x the CI time); each plays
+    its no-op start (NOOP agent steps, the first draws of the evaluation's generator) and runs to its game over (a
+    life loss ends nothing), as an independent replay of three games with the same seeds and actions shows. The
+    network acts only for games past their no-ops, and only their steps count. The training's RNG is left alone."""
     policy, seed = RandomPolicy(4), 11
     torch.manual_seed(0)
     rng_before = torch.get_rng_state()
     scores, lengths = drq.evaluate(policy, "breakout", 32, 0.0, torch.device("cpu"), seed)
     assert torch.equal(torch.get_rng_state(), rng_before) and policy.training
-    assert len(scores) == len(lengths) == 32 and len(policy.calls) == max(lengths) < 27_000
+    assert len(scores) == len(lengths) == 32 and max(lengths) < 27_000
     lengths = np.array(lengths)
+    noops = np.random.default_rng(seed).integers(0, 30, size=32)
+    assert len(set(noops.tolist())) > 10
+    steps = np.arange((noops + lengths).max())[:, None]
+    playing = (steps >= noops) & (steps < noops + lengths)  # (vector steps, games)
+    calls = np.flatnonzero(playing.any(1))  # the vector steps at which the network was asked
+    assert len(policy.calls) == len(calls)
     for game in (0, 1, 29):
-        actions = []
-        for k, q in enumerate(policy.calls[: lengths[game]]):  # game g plays at step k while k < lengths[g]
-            actions.append(int(q[(lengths[:game] > k).sum()].argmax()))
+        actions, shown = [], []
+        for call, step in enumerate(calls):
+            if playing[step, game]:  # the game's row: its rank among the games playing then
+                actions.append(int(policy.calls[call][playing[step, :game].sum()].argmax()))
+                shown.append(policy.game0[call] if game == 0 else None)
         env = drq.make_env("breakout", 1, "atari100k")
         obs, info = env.reset(seed=np.array([drq.episode_seed(seed, game, 0)]))
+        for _ in range(noops[game]):
+            obs, _, _, _, info = env.step(np.zeros(1, dtype=np.int64))
+        assert info["episode_frame_number"][0] == 4 * noops[game]
         score, lives, losses, life_frames = 0.0, info["lives"][0], 0, 1
         for k, action in enumerate(actions):
-            if game == 0:  # what the policy saw: the env's stack without frames of earlier lives
-                shown = obs[0] * (np.arange(4) >= 4 - life_frames)[:, None, None]
-                assert np.array_equal(policy.game0[k].numpy(), shown), k
+            if game == 0:  # what the policy saw: the env's stack without frames of earlier lives or the no-ops
+                assert np.array_equal(shown[k].numpy(), obs[0] * (np.arange(4) >= 4 - life_frames)[:, None, None]), k
             obs, reward, terminated, truncated, info = env.step(np.array([action]))
             score += reward[0]
             life_frames = 1 if info["lives"][0] < lives else min(life_frames + 1, 4)
@@ -624,9 +773,12 @@ def test_evaluation_acts_epsilon_greedy(script, epsilon, monkeypatch):
         module.evaluate(model, "breakout", "dopamine", 4, epsilon, "cpu", 0)
         assert model.training  # back to training mode for the next updates
         played = np.stack(taken).ravel()
-    else:  # game g acts in its first lengths[g] steps
+    else:  # game g acts in the lengths[g] steps after its no-ops (the first draws of the evaluation's generator)
         _, lengths = module.evaluate(Fire(), "breakout", 4, epsilon, torch.device("cpu"), 0)
-        played = np.concatenate([np.stack(taken)[:n, g] for g, n in enumerate(lengths)])
+        noops = np.random.default_rng(0).integers(0, 30, size=4)
+        taken = np.stack(taken)
+        assert all((taken[:k, g] == 0).all() for g, k in enumerate(noops))  # NOOP, whatever epsilon
+        played = np.concatenate([taken[k:k + n, g] for g, (k, n) in enumerate(zip(noops, lengths))])
     share = (played == 1).mean()
     assert len(played) > 400, len(played)
     if epsilon == 0:

@@ -43,7 +43,7 @@ def test_dopamine_protocol_raw_rewards_and_lives(dqn):
 
 
 def test_dopamine_protocol_has_no_noop_starts(dqn):
-    """No random no-ops: every env starts from the same frame whatever its seed (atari100k: up to 30 no-ops)."""
+    """No random no-ops: every env starts from the same frame whatever its seed (atari100k's are the loop's)."""
     first = [dqn.make_env("pong", 1, "dopamine").reset(seed=s)[0] for s in range(3)]
     assert all(np.array_equal(first[0], f) for f in first)
 
@@ -73,16 +73,17 @@ def test_sticky_actions_make_the_dopamine_protocol_stochastic(dqn):
     assert not np.array_equal(frames[0], frames[1])
 
 
-@pytest.mark.parametrize("protocol,sticky,noops", [("dopamine", 0.25, 0), ("atari100k", 0.0, 30)])
-def test_every_protocol_setting_is_explicit(dqn, monkeypatch, protocol, sticky, noops):
-    """ale-py's defaults are neither protocol (SPEC §1): each setting is passed, with the protocol's value."""
+@pytest.mark.parametrize("protocol,sticky", [("dopamine", 0.25), ("atari100k", 0.0)])
+def test_every_protocol_setting_is_explicit(dqn, monkeypatch, protocol, sticky):
+    """ale-py's defaults are neither protocol (SPEC §1): each setting is passed, with the protocol's value. ale-py's
+    no-ops are single frames, never Dopamine's agent steps: off, the Atari 100k loops play their own (NoopStarts)."""
     seen = {}
     monkeypatch.setattr(dqn, "AtariVectorEnv", lambda game, num_envs, **kwargs: seen.update(kwargs))
     dqn.make_env("pong", 2, protocol)
     assert {k: seen[k] for k in ["repeat_action_probability", "noop_max", "use_fire_reset", "reward_clipping",
                                  "episodic_life", "frameskip", "maxpool", "stack_num", "grayscale", "full_action_space",
                                  "max_num_frames_per_episode", "img_height", "img_width"]} == dict(
-        repeat_action_probability=sticky, noop_max=noops, use_fire_reset=False, reward_clipping=False, episodic_life=False,
+        repeat_action_probability=sticky, noop_max=0, use_fire_reset=False, reward_clipping=False, episodic_life=False,
         frameskip=4, maxpool=True, stack_num=4, grayscale=True, full_action_space=False,
         max_num_frames_per_episode=108_000, img_height=84, img_width=84)
 
@@ -103,8 +104,8 @@ def loop_steps(dqn, envs, tracker, obs, was_done, actions):
 @pytest.mark.parametrize("protocol", ["dopamine", "atari100k"])
 def test_resume_replays_several_episodes_between_seeded_resets(dqn, protocol):
     """A seeded reset reloads the ROM (~0.2 s), so an env is reseeded only at the first episode end `reseed_steps`
-    after its last one; episodes in between start from ale-py's auto-reset (sticky actions and, on atari100k,
-    no-op starts keep drawing from the env's generator). A tracker restored mid-run must replay those episodes
+    after its last one; episodes in between start from ale-py's auto-reset (sticky actions keep drawing from the
+    env's generator). A tracker restored mid-run must replay those episodes
     exactly: the restored envs then see the same observations as the uninterrupted ones, reseeds included."""
     rng = np.random.default_rng(0)
     actions = [rng.integers(4, size=2) for _ in range(900)]

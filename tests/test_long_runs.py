@@ -274,7 +274,7 @@ def test_checkpoint_of_an_older_format_is_refused(dqn, tmp_path):
     """Format 1 (before the lagged actor and per-segment reseeding) lacks what a resume needs: one clear line."""
     path = tmp_path / "old.pt"
     torch.save({"format": 1, "script": "dqn_softmoe.py", "args": {}}, path)
-    with pytest.raises(ValueError, match="has format 1, this script reads format 2; resume it with the version"):
+    with pytest.raises(ValueError, match="has format 1, this script reads format 3; resume it with the version"):
         dqn.load_checkpoint(str(path), "dqn_softmoe.py", {})
 
 
