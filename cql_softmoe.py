@@ -1668,7 +1668,7 @@ def evaluate(model, rom, episodes, epsilon, device, seed, stop=None):
     if torch.device(device).type == "cpu":  # the env's threads keep cores busy between steps: more only contend
         torch.set_num_threads(1)  # (10x faster on 2 cores)
     model.eval()
-    # its own copy of the torch RNG (Top1's routing noise): training draws the same numbers with or without
+    # its own copy of the torch RNG (Top1's load-loss noise, random Phi): training draws the same numbers with or without
     # evaluations, and an evaluation played again after a resume is the same
     cuda = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):

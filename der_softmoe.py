@@ -1185,9 +1185,9 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         return newest - (newest - slot) % self.size, envs  # the most recent logical slot stored at that position
 
     def importance_weights(self, idx, envs) -> torch.Tensor:
-        """1 / sqrt(P(i)) divided by the batch maximum (beta = 0.5, fixed; Dopamine)."""
-        probs = self.tree.get(self.leaves(idx, envs)) / self.tree.total()
-        weights = (probs + 1e-10).rsqrt()
+        """1 / sqrt(P(i)) divided by the batch maximum (beta = 0.5, fixed), as Dopamine computes it: from the raw
+        priorities, 1 / sqrt(p_i + 1e-10) (its `sampling_probabilities` are priorities; the total cancels)."""
+        weights = (self.tree.get(self.leaves(idx, envs)) + 1e-10).rsqrt()
         return (weights / weights.max()).float()
 
     def state_dict(self) -> dict:

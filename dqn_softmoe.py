@@ -1629,7 +1629,7 @@ def evaluate(model, rom, protocol, episodes, epsilon, device, seed, stop=None):
     rng = np.random.default_rng(seed)
     returns, scores, finished = np.zeros(episodes), np.zeros(episodes), np.zeros(episodes, dtype=bool)
     model.eval()
-    # its own copy of the torch RNG (Top1's routing noise): training draws the same numbers with or without
+    # its own copy of the torch RNG (Top1's load-loss noise, random Phi): training draws the same numbers with or without
     # evaluations, and an evaluation played again after a resume is the same
     cuda = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):

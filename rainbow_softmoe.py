@@ -1081,9 +1081,9 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         return newest - (newest - slot) % self.size, envs  # the most recent logical slot stored at that position
 
     def importance_weights(self, idx, envs) -> torch.Tensor:
-        """1 / sqrt(P(i)) divided by the batch maximum (beta = 0.5, fixed; Dopamine)."""
-        probs = self.tree.get(self.leaves(idx, envs)) / self.tree.total()
-        weights = (probs + 1e-10).rsqrt()
+        """1 / sqrt(P(i)) divided by the batch maximum (beta = 0.5, fixed), as Dopamine computes it: from the raw
+        priorities, 1 / sqrt(p_i + 1e-10) (its `sampling_probabilities` are priorities; the total cancels)."""
+        weights = (self.tree.get(self.leaves(idx, envs)) + 1e-10).rsqrt()
         return (weights / weights.max()).float()
 
     def state_dict(self) -> dict:
@@ -1950,7 +1950,7 @@ def evaluate(model, rom, protocol, episodes, epsilon, device, seed, stop=None):
     rng = np.random.default_rng(seed)
     returns, scores, finished = np.zeros(episodes), np.zeros(episodes), np.zeros(episodes, dtype=bool)
     model.eval()
-    # its own copy of the torch RNG (Top1's routing noise): training draws the same numbers with or without
+    # its own copy of the torch RNG (Top1's load-loss noise, random Phi): training draws the same numbers with or without
     # evaluations, and an evaluation played again after a resume is the same
     cuda = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):

@@ -200,12 +200,15 @@ def test_importance_weights_by_hand(rainbow):
     assert (lo, hi) == (0, 10)
     starts = torch.arange(11)
     rb.update_priorities(starts, torch.zeros(11, dtype=torch.long), (starts + 1.0) ** 2 - 1e-10)  # priority i + 1
-    total = sum(range(1, 12))
     idx = torch.tensor([0, 3, 10, 3])
     weights = rb.importance_weights(idx, torch.zeros(4, dtype=torch.long))
-    by_hand = [1 / math.sqrt((i + 1) / total + 1e-10) for i in (0, 3, 10, 3)]
+    by_hand = [1 / math.sqrt(i + 1) for i in (0, 3, 10, 3)]  # 1 / sqrt(P(i)) over the batch max: the total cancels
     torch.testing.assert_close(weights, torch.tensor(by_hand, dtype=torch.float32) / max(by_hand))
     assert weights[0] == 1.0  # the least likely transition of the batch gets the largest weight
+    # Dopamine adds the 1e-10 to the raw priority (its `sampling_probabilities`), not to P(i): it shows on a zero loss
+    rb.update_priorities(torch.tensor([5]), torch.zeros(1, dtype=torch.long), torch.zeros(1))  # priority 1e-5
+    weights = rb.importance_weights(torch.tensor([5, 10]), torch.zeros(2, dtype=torch.long))
+    torch.testing.assert_close(weights, torch.tensor([1.0, math.sqrt((1e-5 + 1e-10) / (11 + 1e-10))]), rtol=1e-6, atol=0)
     assert rb.max_priority.item() == pytest.approx(11.0)
     rb.add(np.full((1, 84, 84), 13, np.uint8), [0], [0.0], [False], [False])
     assert rb.tree.get(torch.tensor([11])).item() == pytest.approx(11.0)  # a new transition: the largest so far
