@@ -292,7 +292,7 @@ def test_the_training_loop_plays_noop_starts_outside_the_agent_steps(script, tmp
     monkeypatch.setattr(module.Actor, "__call__", lambda actor, obs: acted.update({len(stream): obs.copy()})
                         or act(actor, obs))  # keyed by the vector step it acts for
     args = module.Args(encoder="nature", num_experts=2, expert_hidden=16, batch_size=8, buffer_size=4000, num_envs=2,
-                       env_id="Breakout", learning_starts=500, total_timesteps=1200, replay_ratio=0.5,
+                       env_id="Breakout", learning_starts=700, total_timesteps=1200, replay_ratio=0.5,
                        runs_dir=str(tmp_path), metrics_every=0, eval_episodes=0, print_every=10**6, cuda=False)
     rom, run_dir = module.prepare(args)[:2]
     module.main(args, rom, run_dir)
@@ -326,7 +326,9 @@ def test_the_training_loop_plays_noop_starts_outside_the_agent_steps(script, tmp
     rb, written_noops = agents[0].rb, noop_starts[0].slots
     assert rb.t < len(stream) and written_noops > 0  # a step of no-ops only is not stored, the others are
     t, slots = first_update[0]
-    assert slots > 10 and args.learning_starts < 2 * t - slots <= args.learning_starts + 2  # no-op slots not counted
+    # the first update: no-op slots not counted; the count grows by up to 2 a step, and a step where one env plays
+    # (the other resets or plays a no-op) adds half an update's credit, so the first may come a step later
+    assert slots > 10 and args.learning_starts < 2 * t - slots <= args.learning_starts + 4
     global_step = json.load(open(os.path.join(run_dir, "summary.json")))["global_step"]
     assert global_step in (1200, 1201) and global_step <= 2 * len(stream) - resets - sum(noops)  # unfinished games' no-ops
 
