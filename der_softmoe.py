@@ -2424,11 +2424,11 @@ def main(args: Args, rom: str, run_dir: str, checkpoint=None) -> None:
         else:
             epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_steps, global_step - args.learning_starts)
             epsilon = args.start_e if global_step < args.learning_starts else epsilon
+        nooping = noops.step()  # a game's first 0-29 steps are NOOPs (Dopamine's runner): nothing to choose there
         actions = rng.integers(num_actions, size=args.num_envs)
-        if epsilon < 1.0:
+        if epsilon < 1.0 and not nooping.all():
             greedy = agent.act(lives.acting(obs))
             actions = np.where(rng.random(args.num_envs) < epsilon, actions, greedy)
-        nooping = noops.step()  # a game's first 0-29 steps are NOOPs (Dopamine's runner)
         actions = np.where(nooping, 0, actions)
         tracker.send(envs, actions)  # the emulators step in ale-py's threads while the learner updates below
         # no agent steps: an env's reset step (its game ended last step: ale-py ignores the action and plays no
